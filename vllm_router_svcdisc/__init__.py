@@ -1,0 +1,7 @@
+"""Kubernetes Service discovery and per-pod load for vLLM routers."""
+
+from .discovery import K8sServiceDiscovery
+from .types import EndpointInfo, EngineStats, ModelInfo
+
+__all__ = ["EndpointInfo", "EngineStats", "K8sServiceDiscovery", "ModelInfo"]
+__version__ = "0.1.0"

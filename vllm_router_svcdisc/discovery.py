@@ -1,0 +1,254 @@
+"""K8sServiceDiscovery: Services + EndpointSlices informers, the model prober, one cache.
+
+Threads: one informer for Services, one for EndpointSlices (v1 Endpoints on clusters without
+them), the prober's scheduler and its small worker pool.  Every ``get_*`` method reads the
+cache's current snapshot and does no I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from .cache import DiscoveryCache, PortSpec, ServiceView, Snapshot
+from .informer import Change, Informer, InformerConfig, InformerStatus
+from .probe import ModelProber, ProbeConfig
+from .types import EndpointInfo
+
+log = logging.getLogger(__name__)
+
+ALL_NAMESPACES = "*"
+
+
+class DiscoveryConfigError(RuntimeError):
+    """No usable Kubernetes configuration (neither in-cluster nor a kubeconfig)."""
+
+
+@dataclass(frozen=True)
+class Health:
+    """``healthy`` and, when not, the reasons in words an operator can act on."""
+
+    healthy: bool
+    reasons: tuple[str, ...] = ()
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> Any:
+    """In-cluster config first (unless a kubeconfig is named), then the kubeconfig."""
+    configuration = k8s_client.Configuration()
+    errors = []
+    if kubeconfig is None and context is None:
+        try:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+            return k8s_client.ApiClient(configuration)
+        except k8s_config.ConfigException as exc:
+            errors.append(f"in-cluster: {exc}")
+    try:
+        k8s_config.load_kube_config(config_file=kubeconfig, context=context,
+                                    client_configuration=configuration)
+        return k8s_client.ApiClient(configuration)
+    except (k8s_config.ConfigException, OSError, TypeError) as exc:
+        errors.append(f"kubeconfig: {exc}")
+    raise DiscoveryConfigError("no Kubernetes configuration found (" + "; ".join(errors) + ")")
+
+
+class _EndpointSource:
+    """Lists/watches EndpointSlices; switches for good to v1 Endpoints when the API is absent."""
+
+    def __init__(self, api_client: Any, namespace: str | None) -> None:
+        discovery = k8s_client.DiscoveryV1Api(api_client)
+        core = k8s_client.CoreV1Api(api_client)
+        if namespace is None:
+            self._slices: Callable[..., Any] = discovery.list_endpoint_slice_for_all_namespaces
+            self._endpoints: Callable[..., Any] = core.list_endpoints_for_all_namespaces
+        else:
+            self._slices = functools.partial(discovery.list_namespaced_endpoint_slice, namespace)
+            self._endpoints = functools.partial(core.list_namespaced_endpoints, namespace)
+        self.legacy = False
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if not self.legacy:
+            try:
+                return self._slices(**kwargs)
+            except k8s_client.ApiException as exc:
+                if exc.status != 404 or kwargs.get("watch"):
+                    raise
+                self.legacy = True
+                log.warning("discovery.k8s.io/v1 EndpointSlices are not served (404); "
+                            "falling back to v1 Endpoints")
+        return self._endpoints(**kwargs)
+
+
+class K8sServiceDiscovery:
+    """Routable vLLM Services, by Service DNS name, from informer caches.
+
+    Keyword arguments of production-stack's discovery classes are accepted so its router can
+    construct this class unchanged: ``app`` and ``prefill_model_labels`` /
+    ``decode_model_labels`` are accepted and ignored (``model_label`` is filled from the
+    Service's ``model`` selector or label), ``watcher_timeout_seconds`` sets the watch's
+    server-side timeout (0 = a random 300-600 s, as client-go does) and
+    ``health_check_timeout_seconds`` the model probe's timeout.
+    """
+
+    def __init__(
+        self,
+        namespace: str | None = "default",
+        label_selector: str | None = None,
+        port: PortSpec = None,
+        cluster_domain: str = "cluster.local",
+        api_client: Any = None,
+        *,
+        routing: str = "service",
+        app: Any = None,
+        prefill_model_labels: Sequence[str] | None = None,
+        decode_model_labels: Sequence[str] | None = None,
+        watcher_timeout_seconds: int = 0,
+        health_check_timeout_seconds: float | None = None,
+        informer_config: InformerConfig | None = None,
+        probe_config: ProbeConfig | None = None,
+        api_key: str | None = None,
+        unhealthy_after: float = 30.0,
+    ) -> None:
+        del app, prefill_model_labels, decode_model_labels  # accepted for drop-in use
+        if routing not in ("service", "pod"):
+            raise ValueError(f"routing must be 'service' or 'pod', not {routing!r}")
+        if isinstance(port, bool) or (port is not None and not isinstance(port, int | str)):
+            raise TypeError(f"port must be an int, a port name or None, not {port!r}")
+        if isinstance(port, int) and not 0 < port < 65536:
+            raise ValueError(f"port {port} is not a valid port number")
+        if watcher_timeout_seconds < 0:
+            raise ValueError("watcher_timeout_seconds must be >= 0")
+        self.namespace = None if namespace in (None, "", ALL_NAMESPACES) else namespace
+        self.label_selector = label_selector or None
+        self.routing = routing
+        self.unhealthy_after = unhealthy_after
+        informer_config = informer_config or InformerConfig()
+        if watcher_timeout_seconds:
+            informer_config = InformerConfig(**{
+                **informer_config.__dict__,
+                "watch_timeout_range": (watcher_timeout_seconds, watcher_timeout_seconds + 1),
+            })
+        probe_config = probe_config or ProbeConfig()
+        if health_check_timeout_seconds:
+            probe_config = ProbeConfig(**{**probe_config.__dict__,
+                                          "timeout": float(health_check_timeout_seconds)})
+        self._api_client = api_client if api_client is not None else load_api_client()
+        self._prober = ModelProber(self._record_probe, config=probe_config, api_key=api_key)
+        self._cache = DiscoveryCache(port=port, cluster_domain=cluster_domain,
+                                     on_probe_needed=self._prober.schedule)
+        core = k8s_client.CoreV1Api(self._api_client)
+        if self.namespace is None:
+            list_services: Callable[..., Any] = core.list_service_for_all_namespaces
+        else:
+            list_services = functools.partial(core.list_namespaced_service, self.namespace)
+        self._endpoint_source = _EndpointSource(self._api_client, self.namespace)
+        self._services = Informer("services", list_services, self._cache.apply_service_changes,
+                                  label_selector=self.label_selector, config=informer_config)
+        self._endpoints = Informer("endpointslices", self._endpoint_source,
+                                   self._apply_endpoint_changes, config=informer_config)
+        self._closed = False
+        self._prober.start()
+        self._services.start()
+        self._endpoints.start()
+        self._logged_empty = False
+
+    # -- the public, production-stack-shaped API ----------------------------------------------
+
+    def get_endpoint_info(self) -> list[EndpointInfo]:
+        """Routable endpoints: one per Service (``routing="service"``) or per ready pod.
+
+        The list is shared by all callers until the next change: read it, do not mutate it.
+        """
+        snapshot = self._cache.snapshot
+        return snapshot.pod_infos if self.routing == "pod" else snapshot.endpoint_infos
+
+    def get_pod_endpoint_info(self) -> list[EndpointInfo]:
+        """One entry per ready pod (``url = http://<pod ip>:<pod port>``) from the same cache."""
+        return self._cache.snapshot.pod_infos
+
+    def get_service_status(self) -> Mapping[str, ServiceView]:
+        """Every selected Service, routable or not, with the reason when not."""
+        return self._cache.snapshot.services
+
+    def get_snapshot(self) -> Snapshot:
+        """The whole current snapshot (for tools such as the CLI and the scraper)."""
+        return self._cache.snapshot
+
+    def has_ever_seen_model(self, model: str) -> bool:
+        """True if any probe ever found ``model`` (production-stack uses it for 503 vs 404)."""
+        return self._cache.has_ever_seen_model(model)
+
+    def get_known_models(self) -> set[str]:
+        """Models currently served by at least one routable Service."""
+        return set(self._cache.snapshot.known_models)
+
+    def wait_until_synced(self, timeout: float = 10.0) -> bool:
+        """Wait until both informers applied their first LIST; False on timeout."""
+        deadline = time.monotonic() + timeout
+        for informer in (self._services, self._endpoints):
+            if not informer.wait_until_synced(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def informer_status(self) -> tuple[InformerStatus, InformerStatus]:
+        """Status of the Services and the endpoints informer."""
+        return self._services.status(), self._endpoints.status()
+
+    def health(self) -> Health:
+        """Synced, watches not failing for longer than ``unhealthy_after``, no auth error."""
+        if self._closed:
+            return Health(False, ("closed",))
+        reasons = []
+        now = time.monotonic()
+        for status in self.informer_status():
+            if not status.alive:
+                reasons.append(f"{status.resource} informer thread is not running")
+            if status.auth_error:
+                reasons.append(f"{status.resource}: {status.auth_error}")
+            elif status.error_since is not None and now - status.error_since > self.unhealthy_after:
+                reasons.append(f"{status.resource}: failing for "
+                               f"{now - status.error_since:.0f}s: {status.last_error}")
+            if not status.synced:
+                detail = f" ({status.last_error})" if status.last_error else ""
+                reasons.append(f"{status.resource} not synced yet{detail}")
+        return Health(not reasons, tuple(reasons))
+
+    def get_health(self) -> bool:
+        """production-stack's health check: see :meth:`health` for the reasons."""
+        return self.health().healthy
+
+    def close(self) -> None:
+        """Stop every thread this object started; returns within about 2 s."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + 2.0
+        self._services.signal_stop()
+        self._endpoints.signal_stop()
+        for informer in (self._services, self._endpoints):
+            informer.stop(timeout=max(0.1, deadline - time.monotonic()))
+        self._prober.stop(timeout=max(0.1, deadline - time.monotonic()))
+
+    def __enter__(self) -> K8sServiceDiscovery:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"K8sServiceDiscovery(namespace={self.namespace or ALL_NAMESPACES!r}, "
+                f"label_selector={self.label_selector!r}, routing={self.routing!r})")
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def _apply_endpoint_changes(self, changes: Sequence[Change]) -> None:
+        self._cache.apply_endpoint_changes(changes, legacy=self._endpoint_source.legacy)
+
+    def _record_probe(self, key: str, probe: Any) -> None:
+        self._cache.set_probe(key, probe)

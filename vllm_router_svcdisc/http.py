@@ -1,0 +1,83 @@
+"""One bounded HTTP GET for engine endpoints: timeouts, a size cap, no redirects.
+
+Shared by the model prober and the metrics scraper so both treat engines the same way: an
+engine's answer is never trusted to be small, fast or to point elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import requests
+
+
+class HttpFetchError(Exception):
+    """The request failed; ``transient`` says whether an immediate retry may help."""
+
+    def __init__(self, reason: str, *, transient: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+def fetch(
+    session: requests.Session,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float | tuple[float, float],
+    max_bytes: int,
+) -> tuple[int, bytes]:
+    """GET ``url``; returns (status, body).  Bodies over ``max_bytes`` are refused unread.
+
+    ``timeout`` also bounds the whole body read, so an engine trickling bytes (slow loris)
+    cannot hold a worker longer than a silent one.
+    """
+    budget = timeout if isinstance(timeout, int | float) else sum(timeout)
+    deadline = time.monotonic() + budget
+    try:
+        response = session.get(url, headers=dict(headers or {}), timeout=timeout,
+                               allow_redirects=False, stream=True)
+    except requests.exceptions.ConnectionError as exc:
+        raise HttpFetchError(_connection_reason(exc), transient=True) from None
+    except requests.exceptions.Timeout:
+        raise HttpFetchError("timed out", transient=False) from None
+    except requests.exceptions.RequestException as exc:
+        raise HttpFetchError(f"request failed: {exc.__class__.__name__}",
+                             transient=False) from None
+    with response:
+        if 300 <= response.status_code < 400:
+            raise HttpFetchError(f"HTTP {response.status_code} redirect refused "
+                                 "(redirects are never followed)", transient=False)
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise HttpFetchError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
+                                 transient=False)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_content(65536):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",
+                                         transient=False)
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise HttpFetchError("timed out reading the body", transient=False)
+        except requests.exceptions.RequestException as exc:
+            raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
+                                 transient=False) from None
+        return response.status_code, b"".join(chunks)
+
+
+def _connection_reason(exc: requests.exceptions.ConnectionError) -> str:
+    text = str(exc)
+    if "NameResolution" in text or "Name or service not known" in text \
+            or "nodename nor servname" in text or "Failed to resolve" in text:
+        return "DNS name does not resolve"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "timed out" in text or "Timeout" in text:
+        return "connect timed out"
+    return "connection failed"
