@@ -81,3 +81,18 @@ def _connection_reason(exc: requests.exceptions.ConnectionError) -> str:
     if "timed out" in text or "Timeout" in text:
         return "connect timed out"
     return "connection failed"
+
+
+def pooled_session(pool_size: int) -> requests.Session:
+    """A Session with a connection pool as large as the worker pool using it.
+
+    ``trust_env`` is off: a proxy configured for the router's outbound traffic must not sit
+    between it and in-cluster engines.
+    """
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size,
+                                            max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.trust_env = False
+    return session

@@ -22,7 +22,7 @@ import requests
 import tenacity
 
 from .cache import ModelProbe, ProbeTarget
-from .http import HttpFetchError, fetch
+from .http import HttpFetchError, fetch, pooled_session
 from .types import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class ModelProber:
         self.config = config or ProbeConfig()
         self._record = record
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        self._session = session or _pooled_session(self.config.workers)
+        self._session = session or pooled_session(self.config.workers)
         self._due: dict[str, _Due] = {}
         self._cond = threading.Condition()
         self._stop = False
@@ -226,13 +226,3 @@ class ModelProber:
             log.info("service %s serves %s", key, ", ".join(sorted(result.models)) or "no models")
         else:
             log.warning("model probe of service %s failed (retrying with backoff): %s", key, reason)
-
-
-def _pooled_session(pool_size: int) -> requests.Session:
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size,
-                                            max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.trust_env = False
-    return session

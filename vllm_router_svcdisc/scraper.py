@@ -1,0 +1,302 @@
+"""EngineStatsScraper: every ready pod's ``/metrics``, aggregated per Service.
+
+One scheduler thread hands due pods to a bounded worker pool each interval and publishes a
+snapshot of the results; a worker blocked on a black-holed engine costs only its own timeout,
+and a failing pod is retried with backoff so it cannot starve the healthy ones.  Results live
+in a TTL cache: a pod that stops answering keeps its last stats until the TTL expires, a pod
+that leaves the endpoints is dropped at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+import requests
+import tenacity
+from cachetools import TTLCache
+
+from .http import HttpFetchError, fetch, pooled_session
+from .types import EngineStats, PodEndpoint
+from .vllm_metrics import (
+    MetricsParseError,
+    PodReading,
+    PodSample,
+    aggregate_service,
+    parse_metrics,
+    pod_stats,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScrapeTarget:
+    """One pod to scrape and the Service it belongs to."""
+
+    pod_url: str
+    service_url: str
+
+
+@dataclass
+class _PodState:
+    target: ScrapeTarget
+    next_due: float = 0.0
+    in_flight: bool = False
+    failures: int = 0
+    last_error: str | None = None
+    previous: PodSample | None = None
+
+
+@dataclass(frozen=True)
+class _StatsSnapshot:
+    by_service: Mapping[str, EngineStats]
+    by_pod: Mapping[str, EngineStats]
+    published_at: float
+
+
+_EMPTY = _StatsSnapshot(MappingProxyType({}), MappingProxyType({}), 0.0)
+
+
+class _Transient(Exception):
+    """A failure worth one quick retry (connection reset, 5xx)."""
+
+
+class EngineStatsScraper:
+    """Scrapes ``http://<pod ip>:<pod port>/metrics`` of every ready pod discovery knows.
+
+    ``timeout`` bounds each request (independent of ``scrape_interval``); ``stale_after`` is
+    the TTL of a pod's last good stats (default three intervals, at least ``timeout`` plus one
+    interval); ``workers`` bounds concurrency.
+    """
+
+    def __init__(
+        self,
+        discovery: Any,
+        scrape_interval: float = 1.0,
+        *,
+        timeout: float = 2.0,
+        stale_after: float | None = None,
+        workers: int = 32,
+        max_bytes: int = MAX_METRICS_BYTES,
+        attempts: int = 2,
+        session: requests.Session | None = None,
+    ) -> None:
+        if scrape_interval <= 0 or timeout <= 0 or workers < 1 or attempts < 1:
+            raise ValueError("scrape_interval and timeout must be > 0, workers and attempts >= 1")
+        self.discovery = discovery
+        self.scrape_interval = float(scrape_interval)
+        self.timeout = float(timeout)
+        self.stale_after = stale_after or max(3 * self.scrape_interval,
+                                              self.timeout + self.scrape_interval)
+        self.max_bytes = max_bytes
+        self.attempts = attempts
+        self._session = session or pooled_session(workers)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="svcdisc-scrape")
+        self._lock = threading.Lock()
+        self._readings: TTLCache[str, PodReading] = TTLCache(
+            maxsize=1_000_000, ttl=self.stale_after, timer=time.monotonic)
+        self._pods: dict[str, _PodState] = {}
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._snapshot = _EMPTY
+        self._last_cycle: float | None = None
+        self._thread = threading.Thread(target=self._run, name="svcdisc-scraper", daemon=True)
+        self._thread.start()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get_engine_stats(self) -> Mapping[str, EngineStats]:
+        """Stats keyed like ``discovery.get_endpoint_info()`` urls (per Service, or per pod)."""
+        snapshot = self._snapshot
+        if getattr(self.discovery, "routing", "service") == "pod":
+            return snapshot.by_pod
+        return snapshot.by_service
+
+    def get_pod_engine_stats(self) -> Mapping[str, EngineStats]:
+        """Per-pod stats keyed by ``http://<pod ip>:<pod port>``."""
+        return self._snapshot.by_pod
+
+    def get_health(self) -> bool:
+        """The scrape thread runs and finished a cycle recently."""
+        last = self._last_cycle
+        return (self._thread.is_alive() and last is not None
+                and time.monotonic() - last < 3 * self.scrape_interval + 1.0)
+
+    def close(self) -> None:
+        """Stop the scheduler at once; in-flight requests end within ``timeout``."""
+        self._stop.set()
+        self._dirty.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not threading.current_thread():
+            self._thread.join(2.0)
+        self._session.close()
+
+    def __enter__(self) -> EngineStatsScraper:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- the scheduler thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        publish_every = min(0.1, self.scrape_interval / 4)
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._schedule(now)
+                    next_tick = now + self.scrape_interval
+                    self._publish()
+                    self._last_cycle = time.monotonic()
+                elif self._dirty.is_set():
+                    self._dirty.clear()
+                    self._publish()
+            except Exception:  # the scheduler must survive anything a cycle throws
+                log.exception("scrape cycle failed; continuing")
+            self._dirty.wait(min(publish_every, max(0.0, next_tick - time.monotonic())))
+
+    def _targets(self) -> dict[str, ScrapeTarget]:
+        targets: dict[str, ScrapeTarget] = {}
+        for view in self.discovery.get_snapshot().services.values():
+            if view.url is None:
+                continue
+            for pod in view.pods:
+                if isinstance(pod, PodEndpoint) and pod.routable:
+                    targets[pod.url] = ScrapeTarget(pod.url, view.url)
+        return targets
+
+    def _schedule(self, now: float) -> None:
+        targets = self._targets()
+        with self._lock:
+            for url in list(self._pods.keys() - targets.keys()):
+                del self._pods[url]
+                self._readings.pop(url, None)
+            due = []
+            for url, target in targets.items():
+                state = self._pods.get(url)
+                if state is None:
+                    state = self._pods[url] = _PodState(target)
+                state.target = target
+                if not state.in_flight and state.next_due <= now:
+                    state.in_flight = True
+                    due.append(state)
+        for state in due:
+            try:
+                self._pool.submit(self._scrape, state)
+            except RuntimeError:  # pool shut down: closing
+                return
+
+    # -- a worker ----------------------------------------------------------------------------
+
+    def _scrape(self, state: _PodState) -> None:
+        url = state.target.pod_url
+        try:
+            sample = self._fetch_sample(url)
+            error = None
+        except (HttpFetchError, MetricsParseError, _Transient) as exc:
+            sample, error = None, str(exc)
+        except Exception as exc:  # a worker must never die with the pod marked in flight
+            log.exception("scraping %s crashed", url)
+            sample, error = None, f"crashed: {exc.__class__.__name__}"
+        now = time.monotonic()
+        with self._lock:
+            state.in_flight = False
+            if self._stop.is_set() or self._pods.get(url) is not state:
+                return  # the pod left the endpoints meanwhile
+            if sample is not None:
+                reading = pod_stats(sample, state.previous, now)
+                state.previous = sample
+                self._readings[url] = reading
+                if state.failures:
+                    log.info("scraping %s works again", url)
+                state.failures, state.last_error = 0, None
+                state.next_due = 0.0  # due again at the next tick
+            else:
+                state.failures += 1
+                if error != state.last_error:
+                    log.warning("scraping %s failed (%s); backing off", url, error)
+                state.last_error = error
+                backoff = min(8 * self.scrape_interval,
+                              self.scrape_interval * 2 ** (state.failures - 1))
+                state.next_due = now + backoff * (0.5 + random.random() / 2)
+        self._dirty.set()
+
+    def _fetch_sample(self, url: str) -> PodSample:
+        def attempt() -> PodSample:
+            try:
+                status, body = fetch(self._session, f"{url}/metrics", timeout=self.timeout,
+                                     max_bytes=self.max_bytes)
+            except HttpFetchError as exc:
+                if exc.transient:
+                    raise _Transient(exc.reason) from None
+                raise
+            if status >= 500:
+                raise _Transient(f"HTTP {status}")
+            if status != 200:
+                raise HttpFetchError(f"HTTP {status}", transient=False)
+            return parse_metrics_body(body)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Transient),
+            stop=(tenacity.stop_after_attempt(self.attempts)
+                  | tenacity.stop_after_delay(self.timeout)),
+            wait=tenacity.wait_fixed(0.05),
+            sleep=self._pause,
+            reraise=True,
+        )
+        return retrying(attempt)
+
+    def _pause(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Aggregate the cached readings per Service and swap the snapshot in."""
+        now = time.monotonic()
+        stale_after_age = 2 * self.scrape_interval + self.timeout
+        by_service: dict[str, dict[str, PodReading]] = {}
+        counts: dict[str, tuple[int, int]] = {}  # service -> (stale, failed)
+        by_pod: dict[str, EngineStats] = {}
+        with self._lock:
+            self._readings.expire()
+            for url, state in self._pods.items():
+                service = state.target.service_url
+                stale, failed = counts.get(service, (0, 0))
+                reading = self._readings.get(url)
+                failed += state.failures > 0
+                if reading is not None:
+                    by_service.setdefault(service, {})[url] = reading
+                    by_pod[url] = reading.stats
+                    stale += now - reading.stats.sample_time > stale_after_age
+                counts[service] = (stale, failed)
+        services: dict[str, EngineStats] = {}
+        for service, readings in by_service.items():
+            stale, failed = counts.get(service, (0, 0))
+            stats = aggregate_service(list(readings.values()), stale=stale, failed=failed)
+            if stats is not None:
+                per_pod = {url: r.stats for url, r in readings.items()}
+                services[service] = replace(stats, per_pod=MappingProxyType(per_pod))
+        self._snapshot = _StatsSnapshot(MappingProxyType(services), MappingProxyType(by_pod),
+                                        now)
+
+
+def parse_metrics_body(body: bytes) -> PodSample:
+    """Decode and parse a ``/metrics`` body (invalid UTF-8 is a parse error, not a crash)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MetricsParseError("metrics body is not UTF-8 text") from None
+    return parse_metrics(text)
