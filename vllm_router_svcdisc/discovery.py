@@ -196,6 +196,10 @@ class K8sServiceDiscovery:
                 return False
         return True
 
+    def probe_counts(self) -> tuple[int, int]:
+        """(model probes done, of which failed) since start."""
+        return self._prober.probes_total, self._prober.failures_total
+
     def informer_status(self) -> tuple[InformerStatus, InformerStatus]:
         """Status of the Services and the endpoints informer."""
         return self._services.status(), self._endpoints.status()

@@ -13,12 +13,17 @@ import requests
 
 
 class HttpFetchError(Exception):
-    """The request failed; ``transient`` says whether an immediate retry may help."""
+    """The request failed; ``transient`` says whether an immediate retry may help.
 
-    def __init__(self, reason: str, *, transient: bool) -> None:
+    ``cause`` is a short, fixed word for metrics: dns, connection, timeout, redirect, oversize,
+    http (an unwanted status) or other.
+    """
+
+    def __init__(self, reason: str, *, transient: bool, cause: str = "other") -> None:
         super().__init__(reason)
         self.reason = reason
         self.transient = transient
+        self.cause = cause
 
 
 def fetch(
@@ -40,20 +45,23 @@ def fetch(
         response = session.get(url, headers=dict(headers or {}), timeout=timeout,
                                allow_redirects=False, stream=True)
     except requests.exceptions.ConnectionError as exc:
-        raise HttpFetchError(_connection_reason(exc), transient=True) from None
+        reason = _connection_reason(exc)
+        cause = "dns" if reason.startswith("DNS") else "connection"
+        raise HttpFetchError(reason, transient=cause == "connection", cause=cause) from None
     except requests.exceptions.Timeout:
-        raise HttpFetchError("timed out", transient=False) from None
+        raise HttpFetchError("timed out", transient=False, cause="timeout") from None
     except requests.exceptions.RequestException as exc:
         raise HttpFetchError(f"request failed: {exc.__class__.__name__}",
                              transient=False) from None
     with response:
         if 300 <= response.status_code < 400:
             raise HttpFetchError(f"HTTP {response.status_code} redirect refused "
-                                 "(redirects are never followed)", transient=False)
+                                 "(redirects are never followed)", transient=False,
+                                 cause="redirect")
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise HttpFetchError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
-                                 transient=False)
+                                 transient=False, cause="oversize")
         chunks: list[bytes] = []
         size = 0
         try:
@@ -61,10 +69,11 @@ def fetch(
                 size += len(chunk)
                 if size > max_bytes:
                     raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",
-                                         transient=False)
+                                         transient=False, cause="oversize")
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
-                    raise HttpFetchError("timed out reading the body", transient=False)
+                    raise HttpFetchError("timed out reading the body", transient=False,
+                                         cause="timeout")
         except requests.exceptions.RequestException as exc:
             raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
                                  transient=False) from None

@@ -133,6 +133,8 @@ class ModelProber:
         self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="svcdisc-probe")
         self._thread = threading.Thread(target=self._run, name="svcdisc-prober", daemon=True)
         self._logged: dict[str, str | None] = {}
+        self.probes_total = 0
+        self.failures_total = 0
 
     def __repr__(self) -> str:  # never show the key
         key = "set" if self._api_key else "unset"
@@ -204,6 +206,8 @@ class ModelProber:
             if due is None:
                 return  # the Service went away while we probed
             due.in_flight = False
+            self.probes_total += 1
+            self.failures_total += not result.ok
             if result.ok:
                 due.failures = 0
                 delay = self.config.interval

@@ -1,0 +1,230 @@
+"""``vllm-svcdisc``: watch a real cluster, or run the demo on the embedded simulated one.
+
+Exit codes: 0 ok, 1 could not sync (the reason is printed), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from .cache import ServiceView
+from .discovery import DiscoveryConfigError, K8sServiceDiscovery, load_api_client
+from .scraper import EngineStatsScraper
+from .types import EngineStats
+
+EXIT_OK, EXIT_NO_SYNC, EXIT_USAGE = 0, 1, 2
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def service_rows(discovery: K8sServiceDiscovery,
+                 scraper: EngineStatsScraper | None) -> list[dict[str, Any]]:
+    """One JSON-ready dict per selected Service: routing facts, models, load, reason."""
+    stats = scraper.get_engine_stats() if scraper is not None else {}
+    rows = []
+    for view in sorted(discovery.get_service_status().values(), key=lambda v: v.key):
+        rows.append(_row(view, stats.get(view.url or "")))
+    return rows
+
+
+def _row(view: ServiceView, stats: EngineStats | None) -> dict[str, Any]:
+    models: list[str] = []
+    if view.probe is not None and view.probe.ok:
+        models = [m + ("*" if info.is_adapter else "") for m, info in view.probe.models.items()]
+    row: dict[str, Any] = {
+        "service": view.key,
+        "url": view.url,
+        "ready": len(view.ready_pods),
+        "pods": len(view.pods),
+        "models": models,
+        "routable": view.routable,
+        "reason": view.reason,
+    }
+    if stats is not None:
+        row.update(
+            running=stats.num_running_requests,
+            waiting=stats.num_queuing_requests,
+            kv_usage=round(stats.gpu_cache_usage_perc, 4),
+            prefix_hit_rate=round(stats.gpu_prefix_cache_hit_rate, 4),
+            stats_age_s=round(stats.oldest_sample_age, 2),
+            pods_scraped=stats.pods_scraped,
+            pods_failed=stats.pods_failed,
+        )
+    return row
+
+
+def render_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A ``kubectl get``-style table; adapters carry a ``*``."""
+    header = ("SERVICE", "READY", "MODELS", "RUN", "WAIT", "KV%", "HIT%", "AGE", "STATUS")
+    lines = [header]
+    for r in rows:
+        has_stats = "running" in r
+        lines.append((
+            r["service"],
+            f"{r['ready']}/{r['pods']}",
+            ",".join(r["models"]) or "-",
+            f"{r['running']:.0f}" if has_stats else "-",
+            f"{r['waiting']:.0f}" if has_stats else "-",
+            f"{100 * r['kv_usage']:.0f}" if has_stats else "-",
+            f"{100 * r['prefix_hit_rate']:.0f}" if has_stats else "-",
+            f"{r['stats_age_s']:.1f}s" if has_stats else "-",
+            "routable" if r["routable"] else (r["reason"] or "not routable"),
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
+    out = []
+    for line in lines:
+        cells = [str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=True)]
+        out.append("  ".join([*cells, str(line[-1])]).rstrip())
+    return "\n".join(out)
+
+
+def _show(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper | None, output: str,
+          stream: TextIO, *, clear: bool) -> None:
+    rows = service_rows(discovery, scraper)
+    if output == "json":
+        stream.write(json.dumps({"time": time.time(), "services": rows}) + "\n")
+    else:
+        if clear:
+            stream.write("\x1b[2J\x1b[H")
+        stream.write(render_table(rows) + "\n\n")
+    stream.flush()
+
+
+# -- watch -----------------------------------------------------------------------------------
+
+
+def _wait_for_sync(discovery: K8sServiceDiscovery, timeout: float, stream: TextIO) -> str | None:
+    """Wait with a progress line; None when synced, else the reason."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if discovery.wait_until_synced(timeout=0.5):
+            return None
+        health = discovery.health()
+        stream.write("\rwaiting for sync: " + "; ".join(health.reasons)[:150])
+        stream.flush()
+        auth = [s.auth_error for s in discovery.informer_status() if s.auth_error]
+        if auth:
+            stream.write("\n")
+            return auth[0]
+    stream.write("\n")
+    reasons = [s.last_error for s in discovery.informer_status() if s.last_error]
+    return reasons[0] if reasons else f"not synced within {timeout:.0f}s"
+
+
+def _parse_port(text: str | None) -> int | str | None:
+    if text is None or text == "":
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def cmd_watch(args: argparse.Namespace, stream: TextIO) -> int:
+    try:
+        api_client = load_api_client(args.kubeconfig, args.context)
+    except DiscoveryConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_SYNC
+    namespace = None if args.all_namespaces else args.namespace
+    discovery = K8sServiceDiscovery(namespace=namespace, label_selector=args.selector,
+                                    port=_parse_port(args.port),
+                                    cluster_domain=args.cluster_domain, api_client=api_client)
+    scraper = EngineStatsScraper(discovery, scrape_interval=args.scrape_interval)
+    try:
+        reason = _wait_for_sync(discovery, args.sync_timeout, sys.stderr)
+        if reason is not None:
+            print(f"error: could not sync: {reason}", file=sys.stderr)
+            return EXIT_NO_SYNC
+        time.sleep(min(2.0, args.scrape_interval * 1.5))  # give probes and a scrape a moment
+        _loop(discovery, scraper, args, stream, until=None)
+        return EXIT_OK
+    finally:
+        scraper.close()
+        discovery.close()
+
+
+def _loop(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper | None,
+          args: argparse.Namespace, stream: TextIO,
+          until: Callable[[], bool] | None) -> None:
+    live = not args.once
+    clear = live and args.output == "table" and stream.isatty()
+    while True:
+        _show(discovery, scraper, args.output, stream, clear=clear)
+        if not live or (until is not None and until()):
+            return
+        try:
+            time.sleep(args.refresh)
+        except KeyboardInterrupt:
+            return
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace, stream: TextIO) -> int:
+    from .sim.demo import run_demo
+
+    return run_demo(stream, output=args.output, quick=args.quick,
+                    show=lambda d, s: _show(d, s, args.output, stream, clear=False))
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-svcdisc", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    watch = sub.add_parser("watch", help="show the routable vLLM Services of a real cluster")
+    watch.add_argument("--namespace", "--k8s-namespace", default="default")
+    watch.add_argument("--all-namespaces", "-A", action="store_true")
+    watch.add_argument("--selector", "--k8s-label-selector", "-l", default=None)
+    watch.add_argument("--port", "--k8s-port", default=None,
+                       help="Service port number or name (default: the port named http)")
+    watch.add_argument("--cluster-domain", default="cluster.local")
+    watch.add_argument("--scrape-interval", type=float, default=1.0)
+    watch.add_argument("--kubeconfig", default=None)
+    watch.add_argument("--context", default=None)
+    watch.add_argument("--sync-timeout", type=float, default=15.0)
+    _output_args(watch)
+
+    demo = sub.add_parser("demo", help="run on the embedded simulated cluster (no cluster needed)")
+    demo.add_argument("--quick", action="store_true", help="a shorter churn script")
+    _output_args(demo)
+    return parser
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument("--watch", dest="once", action="store_false",
+                        help="keep refreshing (the default)")
+    parser.add_argument("--refresh", type=float, default=2.0, help="seconds between tables")
+
+
+def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
+    for name in ("scrape_interval", "refresh"):
+        if getattr(args, name, 1.0) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
+            return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = stream or sys.stdout
+    if args.command == "watch":
+        return cmd_watch(args, out)
+    return cmd_demo(args, out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

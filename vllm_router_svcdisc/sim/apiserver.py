@@ -1,0 +1,925 @@
+"""A fake Kubernetes API server that the unmodified official ``kubernetes`` client talks to.
+
+Why: discovery code must be tested against the real client's wire behaviour (chunked watch
+streams, 410 Expired, bookmarks, RBAC denials, dropped connections) without a cluster.
+Stdlib only; serves services, endpoints, endpointslices and pods on loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import select
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import kubernetes.client
+
+from vllm_router_svcdisc.sim.selectors import (
+    FieldSelector,
+    LabelSelector,
+    SelectorError,
+    parse_field_selector,
+    parse_label_selector,
+)
+
+__all__ = ["RESOURCES", "FakeApiServer", "ResourceType", "parse_go_bool", "status_body"]
+
+Obj = dict[str, Any]
+
+DEFAULT_WATCH_TIMEOUT = 1800.0
+_WAKE_INTERVAL = 0.2  # watch handlers re-check stop/cut/peer-closed at least this often
+_JOIN_TIMEOUT = 1.0
+_USER = "system:serviceaccount:default:router"
+_NOT_SERVED = "the server could not find the requested resource"
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    410: "Expired",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+_DEFAULT_MESSAGES = {
+    401: "Unauthorized",
+    429: "Too many requests, please try again later.",
+    500: "Internal error occurred: injected fault",
+    503: "the server is currently unable to handle the request",
+    504: "the server was unable to return a response in the time allotted",
+}
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    """Static facts about one served resource (plural name, kind, group/version, URL prefix)."""
+
+    plural: str
+    kind: str
+    group: str
+    version: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def prefix(self) -> str:
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+
+    @property
+    def qualified(self) -> str:
+        """Name used in RBAC/NotFound messages: plural, plus the group when there is one."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+RESOURCES: dict[str, ResourceType] = {
+    "services": ResourceType("services", "Service", "", "v1"),
+    "endpoints": ResourceType("endpoints", "Endpoints", "", "v1"),
+    "endpointslices": ResourceType("endpointslices", "EndpointSlice", "discovery.k8s.io", "v1"),
+    "pods": ResourceType("pods", "Pod", "", "v1"),
+}
+
+
+def parse_go_bool(text: str) -> bool:
+    """Parse like Go's strconv.ParseBool, which the API server uses for query booleans."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ValueError(f"invalid boolean {text!r}")
+
+
+def status_body(code: int, message: str, details: Obj | None = None) -> Obj:
+    """A metav1.Status failure object as the real server sends it."""
+    body: Obj = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": _REASONS.get(code, "Unknown"),
+        "code": code,
+    }
+    if details is not None:
+        body["details"] = details
+    return body
+
+
+def _expired_status(asked: int | str, oldest: int) -> Obj:
+    return status_body(410, f"too old resource version: {asked} ({oldest})")
+
+
+def _now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _wire(rtype: ResourceType, obj: Obj) -> Obj:
+    """The object as serialised: kind/apiVersion set; empty slice endpoints become null."""
+    out = {"kind": rtype.kind, "apiVersion": rtype.api_version, **obj}
+    out["kind"] = rtype.kind
+    out["apiVersion"] = rtype.api_version
+    if rtype.plural == "endpointslices" and not out.get("endpoints"):
+        out["endpoints"] = None
+    return out
+
+
+# --- internal records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One store change, kept in the bounded history for watches resuming from an RV."""
+
+    rv: int
+    resource: str
+    type: str
+    obj: Obj
+    old: Obj | None  # previous version for MODIFIED, so selector transitions can be computed
+
+
+@dataclass
+class _Fault:
+    """An injected error answer for matching requests, by count or until a deadline."""
+
+    status: int
+    retry_after: int | None
+    verb: str | None
+    resource: str | None
+    remaining: int | None = None
+    until: float | None = None
+
+    def active(self, now: float) -> bool:
+        if self.until is not None and now >= self.until:
+            return False
+        return self.remaining is None or self.remaining > 0
+
+    def applies(self, verb: str, resource: str) -> bool:
+        return (self.verb is None or self.verb == verb) and (
+            self.resource is None or self.resource == resource
+        )
+
+
+@dataclass(frozen=True)
+class _Route:
+    """A parsed request path."""
+
+    rtype: ResourceType
+    namespace: str | None
+    name: str | None
+
+
+@dataclass
+class _Watch:
+    """An open watch stream; `pending` is filled under the server lock by put/delete."""
+
+    resource: str
+    namespace: str | None
+    labels: LabelSelector
+    fields: FieldSelector
+    sock: socket.socket
+    cursor: int = 0  # highest RV this watcher has been brought up to (used by bookmarks)
+    cut: bool = False
+    pending: list[tuple[str, Obj] | bytes] = field(default_factory=list)
+
+    def matches(self, obj: Obj | None) -> bool:
+        if obj is None:
+            return False
+        metadata = obj.get("metadata") or {}
+        if self.namespace is not None and metadata.get("namespace") != self.namespace:
+            return False
+        return self.labels.matches(metadata.get("labels")) and self.fields.matches(obj)
+
+    def translate(self, event: _Event) -> tuple[str, Obj] | None:
+        """Map a store event to what this watcher sees, like the watch cache does."""
+        if event.resource != self.resource:
+            return None
+        now_matches = self.matches(event.obj)
+        if event.type != "MODIFIED":
+            return (event.type, event.obj) if now_matches else None
+        was_matching = self.matches(event.old)
+        if was_matching and now_matches:
+            return ("MODIFIED", event.obj)
+        if was_matching:
+            return ("DELETED", event.obj)
+        if now_matches:
+            return ("ADDED", event.obj)
+        return None
+
+
+@dataclass
+class _Batch:
+    """What a watch handler should write next."""
+
+    items: list[tuple[str, Obj] | bytes]
+    cut: bool = False
+
+
+# --- HTTP plumbing -----------------------------------------------------------------------------
+
+
+class _HttpServer(ThreadingHTTPServer):
+    """Threading server that registers each connection so stop() can shut it down."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], fake: FakeApiServer) -> None:
+        self.fake = fake
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="fake-apiserver-conn",
+            daemon=True,
+        )
+        self.fake._track_connection(request, thread)
+        thread.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        self.fake._untrack_connection(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Connections dropped by either side (cut, stop, client gone) are normal here."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Per-connection request handler; all state lives in the FakeApiServer."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeKubeApiServer/1.0"
+
+    @property
+    def fake(self) -> FakeApiServer:
+        return cast(_HttpServer, self.server).fake
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the default per-request stderr logging."""
+
+    def do_GET(self) -> None:
+        self.fake._handle_get(self)
+
+    def _reject_method(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        message = f"the server does not allow this method on the requested resource: {self.command}"
+        self.send_json(405, status_body(405, message))
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _reject_method
+
+    def send_json(self, code: int, body: Obj, headers: dict[str, str] | None = None) -> None:
+        """A complete (Content-Length) JSON response, so keep-alive keeps working."""
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_chunked(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write_line(self, data: bytes) -> None:
+        """One chunk per line; the socket writer is unbuffered so it leaves immediately."""
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def write_event(self, event_type: str, obj: Obj) -> None:
+        self.write_line(json.dumps({"type": event_type, "object": obj}).encode())
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+    def peer_closed(self) -> bool:
+        """True once the client has closed its end (it never sends on a watch connection)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            peeked: bytes = self.connection.recv(1, socket.MSG_PEEK)
+            return peeked == b""
+        except (OSError, ValueError):
+            return True
+
+    def abort(self) -> None:
+        """Drop the connection without a final chunk (the client sees a premature end)."""
+        self.close_connection = True
+        _shutdown_socket(self.connection)
+
+
+def _parse_route(path: str) -> _Route | None:
+    """Map a URL path onto a served resource, or None for anything unknown."""
+    parts = [unquote(p) for p in path.split("/") if p]
+    for rtype in RESOURCES.values():
+        prefix = [p for p in rtype.prefix.split("/") if p]
+        if parts[: len(prefix)] != prefix:
+            continue
+        rest = parts[len(prefix) :]
+        if rest == [rtype.plural]:
+            return _Route(rtype, None, None)
+        if len(rest) in (3, 4) and rest[0] == "namespaces" and rest[2] == rtype.plural:
+            return _Route(rtype, rest[1], rest[3] if len(rest) == 4 else None)
+    return None
+
+
+@dataclass(frozen=True)
+class _WatchParams:
+    """Validated query parameters of a WATCH request."""
+
+    resource_version: int | None  # None: start with synthetic ADDED of the current state
+    timeout: float
+    bookmarks: bool
+
+
+def _parse_watch_params(query: dict[str, str]) -> _WatchParams:
+    """Validate watch query parameters; ValueError means 400 BadRequest."""
+    raw_rv = query.get("resourceVersion", "")
+    rv: int | None = None
+    if raw_rv not in ("", "0"):
+        try:
+            rv = int(raw_rv)
+        except ValueError:
+            raise ValueError(f"invalid resource version: {raw_rv!r}") from None
+    timeout = DEFAULT_WATCH_TIMEOUT
+    if "timeoutSeconds" in query:
+        try:
+            timeout = float(int(query["timeoutSeconds"]))
+        except ValueError:
+            raise ValueError(f"invalid timeoutSeconds: {query['timeoutSeconds']!r}") from None
+    bookmarks = parse_go_bool(query.get("allowWatchBookmarks") or "false")
+    return _WatchParams(rv, timeout, bookmarks)
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+class FakeApiServer:
+    """In-process fake kube-apiserver with an object store, watch history and fault injection."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        bookmark_interval: float = 1.0,
+        history_limit: int = 10_000,
+        allowed_verbs: frozenset[str] | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self.bookmark_interval = bookmark_interval
+        self.history_limit = history_limit
+        self.allowed_verbs = allowed_verbs
+        self._cond = threading.Condition()
+        # guarded by _cond:
+        self._store: dict[str, dict[tuple[str, str], Obj]] = {r: {} for r in RESOURCES}
+        self._history: deque[_Event] = deque()
+        self._floor = 0  # watching from an RV below this gets 410 Expired
+        self._rv = 0
+        self._watches: list[_Watch] = []
+        self._serving = False  # new watches opened while stopping are cut at once
+        self._faults: list[_Fault] = []
+        self._disabled: set[str] = set()
+        self._counts: dict[tuple[str, str], int] = {}
+        # guarded by _conn_lock:
+        self._conn_lock = threading.Lock()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._httpd: _HttpServer | None = None
+        self._serve_thread: threading.Thread | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> FakeApiServer:
+        """Bind (retrying briefly if the port is still held) and serve on a daemon thread."""
+        if self._httpd is not None:
+            return self
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                httpd = _HttpServer((self._host, self._port), self)
+                break
+            except OSError:
+                if self._port == 0 or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        self._httpd = httpd
+        self._port = httpd.server_address[1]
+        with self._cond:
+            self._serving = True
+        self._serve_thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fake-apiserver",
+            daemon=True,
+        )
+        self._serve_thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close the listener and every open connection, join the threads."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        with self._cond:
+            self._serving = False
+            for watch in self._watches:
+                watch.cut = True
+            self._watches = []
+            self._cond.notify_all()
+        with self._conn_lock:
+            connections = list(self._connections.items())
+        for sock, _ in connections:
+            _shutdown_socket(sock)
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        if self._serve_thread is not None:
+            self._serve_thread.join(max(0.0, deadline - time.monotonic()))
+            self._serve_thread = None
+        for _, thread in connections:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def restart(self) -> None:
+        """Like an API server restart with etcd intact: store, RV and history survive."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> FakeApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        """A stock ApiClient pointed at this server."""
+        configuration = kubernetes.client.Configuration()
+        configuration.host = self.url
+        return kubernetes.client.ApiClient(configuration)
+
+    def _track_connection(self, sock: socket.socket, thread: threading.Thread) -> None:
+        with self._conn_lock:
+            self._connections[sock] = thread
+
+    def _untrack_connection(self, sock: socket.socket) -> None:
+        with self._conn_lock:
+            self._connections.pop(sock, None)
+
+    # --- object store --------------------------------------------------------------------------
+
+    def put(self, resource: str, obj: Obj) -> Obj:
+        """Create or replace by (namespace, name); emits ADDED or MODIFIED; returns a copy."""
+        rtype = _rtype(resource)
+        new = copy.deepcopy(obj)
+        metadata = new.setdefault("metadata", {})
+        name = metadata.get("name")
+        if not name:
+            raise ValueError("metadata.name is required")
+        namespace = metadata.setdefault("namespace", "default")
+        new["kind"] = rtype.kind
+        new["apiVersion"] = rtype.api_version
+        with self._cond:
+            old = self._store[resource].get((namespace, name))
+            if old is not None:
+                metadata["uid"] = old["metadata"]["uid"]
+                metadata["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+            metadata.setdefault("uid", str(uuid.uuid4()))
+            metadata.setdefault("creationTimestamp", _now_rfc3339())
+            self._rv += 1
+            metadata["resourceVersion"] = str(self._rv)
+            self._store[resource][(namespace, name)] = new
+            self._record(_Event(self._rv, resource, "MODIFIED" if old else "ADDED", new, old))
+            return copy.deepcopy(new)
+
+    def delete(self, resource: str, namespace: str, name: str) -> Obj | None:
+        """Remove an object; the DELETED event carries it with a new resourceVersion."""
+        _rtype(resource)
+        with self._cond:
+            old = self._store[resource].pop((namespace, name), None)
+            if old is None:
+                return None
+            self._rv += 1
+            gone = copy.deepcopy(old)
+            gone["metadata"]["resourceVersion"] = str(self._rv)
+            self._record(_Event(self._rv, resource, "DELETED", gone, old))
+            return copy.deepcopy(gone)
+
+    def get(self, resource: str, namespace: str, name: str) -> Obj | None:
+        _rtype(resource)
+        with self._cond:
+            obj = self._store[resource].get((namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def list(self, resource: str, namespace: str | None = None) -> list[Obj]:
+        """Stored objects sorted by (namespace, name), optionally for one namespace."""
+        _rtype(resource)
+        with self._cond:
+            return [
+                copy.deepcopy(obj)
+                for (ns, _), obj in sorted(self._store[resource].items())
+                if namespace is None or ns == namespace
+            ]
+
+    @property
+    def resource_version(self) -> int:
+        with self._cond:
+            return self._rv
+
+    def compact(self) -> None:
+        """Drop the event history: a new watch from any RV older than the current one gets 410.
+
+        Open watches are unaffected (the real watch cache has already dispatched to them).
+        """
+        with self._cond:
+            self._history.clear()
+            self._floor = self._rv
+
+    def _record(self, event: _Event) -> None:
+        """Append to the bounded history and dispatch to open watches. Caller holds _cond."""
+        self._history.append(event)
+        while len(self._history) > max(self.history_limit, 0):
+            self._floor = self._history.popleft().rv
+        for watch in self._watches:
+            if event.rv <= watch.cursor:
+                continue  # watch started from a future RV: only strictly newer events count
+            seen = watch.translate(event)
+            if seen is not None:
+                watch.pending.append(seen)
+            watch.cursor = event.rv
+        self._cond.notify_all()
+
+    # --- faults and observation ----------------------------------------------------------------
+
+    def fail_next(
+        self,
+        n: int,
+        status: int,
+        *,
+        retry_after: int | None = None,
+        verb: str | None = None,
+        resource: str | None = None,
+    ) -> None:
+        """Answer the next n matching requests with `status`."""
+        with self._cond:
+            self._faults.append(_Fault(status, retry_after, verb, resource, remaining=n))
+
+    def fail_for(
+        self,
+        seconds: float,
+        status: int,
+        *,
+        retry_after: int | None = None,
+        verb: str | None = None,
+        resource: str | None = None,
+    ) -> None:
+        """Answer every matching request with `status` for the next `seconds`."""
+        until = time.monotonic() + seconds
+        with self._cond:
+            self._faults.append(_Fault(status, retry_after, verb, resource, until=until))
+
+    def clear_faults(self) -> None:
+        with self._cond:
+            self._faults.clear()
+
+    def cut_watches(self) -> None:
+        """Abruptly end every open watch stream: the connection closes with no final chunk."""
+        with self._cond:
+            watches, self._watches = self._watches, []
+            for watch in watches:
+                watch.cut = True
+            self._cond.notify_all()
+        for watch in watches:
+            _shutdown_socket(watch.sock)
+
+    def inject_raw_line(self, line: bytes, resource: str | None = None) -> None:
+        """Queue a raw line (e.g. malformed JSON) into open watch streams, in event order."""
+        with self._cond:
+            for watch in self._watches:
+                if resource is None or watch.resource == resource:
+                    watch.pending.append(line)
+            self._cond.notify_all()
+
+    def disable_resource(self, resource: str) -> None:
+        """Make the resource answer 404, like a cluster that does not serve it."""
+        _rtype(resource)
+        with self._cond:
+            self._disabled.add(resource)
+
+    def enable_resource(self, resource: str) -> None:
+        with self._cond:
+            self._disabled.discard(resource)
+
+    def request_counts(self) -> dict[tuple[str, str], int]:
+        """Requests seen per (verb, resource), including ones answered with injected faults."""
+        with self._cond:
+            return dict(self._counts)
+
+    def open_watch_count(self, resource: str | None = None) -> int:
+        """Open watch streams; a stream ended by timeout, cut or stop is gone before it ends."""
+        with self._cond:
+            return self._count_watches(resource)
+
+    def wait_for_watches(self, n: int, resource: str | None = None, timeout: float = 5.0) -> bool:
+        """Block until at least n watches (of `resource`) are open; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count_watches(resource) >= n, timeout)
+
+    def _count_watches(self, resource: str | None) -> int:
+        return sum(1 for w in self._watches if resource is None or w.resource == resource)
+
+    # --- request handling ----------------------------------------------------------------------
+
+    def _handle_get(self, handler: _Handler) -> None:
+        """Route, count, apply disablement / faults / RBAC, then serve GET, LIST or WATCH."""
+        url = urlsplit(handler.path)
+        query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        route = _parse_route(url.path)
+        if route is None:
+            handler.send_json(404, status_body(404, _NOT_SERVED))
+            return
+        try:
+            watching = parse_go_bool(query.get("watch") or "false")
+        except ValueError as exc:
+            handler.send_json(400, status_body(400, str(exc)))
+            return
+        verb = "watch" if watching else ("get" if route.name else "list")
+        rejection = self._admit(verb, route)
+        if rejection is not None:
+            self._send_rejection(handler, verb, *rejection)
+        elif verb == "get":
+            self._serve_get(handler, route)
+        else:
+            self._serve_collection(handler, verb, route, query)
+
+    def _admit(self, verb: str, route: _Route) -> tuple[int, str, dict[str, str]] | None:
+        """Count the request and decide whether it is refused: (status, message, headers)."""
+        resource = route.rtype.plural
+        with self._cond:
+            key = (verb, resource)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if resource in self._disabled:
+                return 404, _NOT_SERVED, {}
+            fault = self._take_fault(verb, resource)
+        if fault is not None:
+            headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+            return fault.status, _fault_message(fault.status, verb, route), headers
+        if self.allowed_verbs is not None and verb not in self.allowed_verbs:
+            return 403, _forbidden_message(verb, route), {}
+        return None
+
+    def _take_fault(self, verb: str, resource: str) -> _Fault | None:
+        """Consume the first active matching fault. Caller holds _cond."""
+        now = time.monotonic()
+        self._faults = [f for f in self._faults if f.active(now)]
+        for fault in self._faults:
+            if fault.applies(verb, resource):
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                return fault
+        return None
+
+    def _send_rejection(
+        self, handler: _Handler, verb: str, status: int, message: str, headers: dict[str, str]
+    ) -> None:
+        """Error answer; a 410 on a watch comes in-stream as an ERROR event, as the cache does."""
+        if verb == "watch" and status == 410:
+            handler.start_chunked()
+            handler.write_event("ERROR", status_body(410, message))
+            handler.end_chunked()
+            return
+        handler.send_json(status, status_body(status, message), headers)
+
+    def _serve_get(self, handler: _Handler, route: _Route) -> None:
+        assert route.name is not None and route.namespace is not None
+        obj = self.get(route.rtype.plural, route.namespace, route.name)
+        if obj is None:
+            details = {"name": route.name, "kind": route.rtype.plural}
+            if route.rtype.group:
+                details["group"] = route.rtype.group
+            message = f'{route.rtype.qualified} "{route.name}" not found'
+            handler.send_json(404, status_body(404, message, details))
+            return
+        handler.send_json(200, _wire(route.rtype, obj))
+
+    def _serve_collection(
+        self, handler: _Handler, verb: str, route: _Route, query: dict[str, str]
+    ) -> None:
+        """LIST or WATCH after validating selectors and watch parameters (400 if invalid)."""
+        try:
+            labels = parse_label_selector(query.get("labelSelector"))
+            fields = parse_field_selector(query.get("fieldSelector"))
+            if route.name is not None:  # watch on a named object = watch with a name selector
+                fields = FieldSelector((*fields.terms, ("metadata.name", True, route.name)))
+            params = _parse_watch_params(query) if verb == "watch" else None
+        except (SelectorError, ValueError) as exc:
+            handler.send_json(400, status_body(400, str(exc)))
+            return
+        watch = _Watch(route.rtype.plural, route.namespace, labels, fields, handler.connection)
+        if params is None:
+            self._serve_list(handler, route.rtype, watch)
+        else:
+            self._serve_watch(handler, route.rtype, watch, params)
+
+    def _serve_list(self, handler: _Handler, rtype: ResourceType, selection: _Watch) -> None:
+        with self._cond:
+            items = [
+                _wire(rtype, obj)
+                for _, obj in sorted(self._store[rtype.plural].items())
+                if selection.matches(obj)
+            ]
+            rv = self._rv
+        body = {
+            "kind": f"{rtype.kind}List",
+            "apiVersion": rtype.api_version,
+            "metadata": {"resourceVersion": str(rv)},
+            "items": items,
+        }
+        handler.send_json(200, body)
+
+    # --- watch ---------------------------------------------------------------------------------
+
+    def _open_watch(self, watch: _Watch, rv: int | None) -> Obj | None:
+        """Register the watch and queue its initial events, atomically w.r.t. the store.
+
+        Returns a 410 Status instead (without registering) when `rv` predates the history.
+        """
+        with self._cond:
+            if rv is not None and rv < self._floor:
+                return _expired_status(rv, self._floor)
+            if rv is None:
+                for _, obj in sorted(self._store[watch.resource].items()):
+                    if watch.matches(obj):
+                        watch.pending.append(("ADDED", obj))
+            else:
+                watch.pending.extend(self._replay(watch, rv))
+            watch.cursor = max(self._rv, rv or 0)
+            watch.cut = not self._serving
+            self._watches.append(watch)
+            self._cond.notify_all()
+            return None
+
+    def _replay(self, watch: _Watch, rv: int) -> Iterator[tuple[str, Obj]]:
+        """History events after `rv` as this watcher sees them. Caller holds _cond."""
+        newer = []
+        for event in reversed(self._history):
+            if event.rv <= rv:
+                break
+            newer.append(event)
+        for event in reversed(newer):
+            seen = watch.translate(event)
+            if seen is not None:
+                yield seen
+
+    def _close_watch(self, watch: _Watch) -> None:
+        with self._cond:
+            if watch in self._watches:
+                self._watches.remove(watch)
+            self._cond.notify_all()
+
+    def _next_batch(self, watch: _Watch, until: float) -> _Batch:
+        """Wait (bounded) until the watch has output, is cut, or `until` passes."""
+        with self._cond:
+            while True:
+                if watch.cut:
+                    return _Batch([], cut=True)
+                if watch.pending:
+                    items, watch.pending = watch.pending, []
+                    return _Batch(items)
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    return _Batch([])
+                self._cond.wait(min(remaining, _WAKE_INTERVAL))
+
+    def _serve_watch(
+        self, handler: _Handler, rtype: ResourceType, watch: _Watch, params: _WatchParams
+    ) -> None:
+        expired = self._open_watch(watch, params.resource_version)
+        handler.start_chunked()
+        if expired is not None:
+            handler.write_event("ERROR", expired)
+            handler.end_chunked()
+            return
+        try:
+            self._stream(handler, rtype, watch, params)
+        except OSError:
+            handler.close_connection = True
+        finally:
+            self._close_watch(watch)
+
+    def _stream(
+        self, handler: _Handler, rtype: ResourceType, watch: _Watch, params: _WatchParams
+    ) -> None:
+        """The watch loop: events, raw lines and bookmarks until timeout, cut or peer close."""
+        start = time.monotonic()
+        deadline = start + params.timeout
+        interval = max(self.bookmark_interval, 0.01)
+        next_bookmark = start + interval if params.bookmarks else float("inf")
+        while True:
+            wake = min(deadline, next_bookmark, time.monotonic() + _WAKE_INTERVAL)
+            batch = self._next_batch(watch, wake)
+            if batch.cut:
+                self._close_watch(watch)
+                handler.abort()
+                return
+            for item in batch.items:
+                if isinstance(item, bytes):
+                    handler.write_line(item)
+                else:
+                    handler.write_event(item[0], _wire(rtype, item[1]))
+            now = time.monotonic()
+            if now >= deadline:
+                self._close_watch(watch)  # before the client can observe the end
+                handler.end_chunked()
+                return
+            if now >= next_bookmark:
+                handler.write_event("BOOKMARK", self._bookmark(rtype, watch))
+                next_bookmark = now + interval
+            if handler.peer_closed():
+                handler.close_connection = True
+                return
+
+    def _bookmark(self, rtype: ResourceType, watch: _Watch) -> Obj:
+        with self._cond:
+            rv = watch.cursor
+        return {
+            "kind": rtype.kind,
+            "apiVersion": rtype.api_version,
+            "metadata": {"resourceVersion": str(rv)},
+        }
+
+
+# --- module helpers ----------------------------------------------------------------------------
+
+
+def _rtype(resource: str) -> ResourceType:
+    try:
+        return RESOURCES[resource]
+    except KeyError:
+        raise ValueError(
+            f"unknown resource {resource!r}; expected one of {sorted(RESOURCES)}"
+        ) from None
+
+
+def _shutdown_socket(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _forbidden_message(verb: str, route: _Route) -> str:
+    """The wording of a real RBAC denial."""
+    rtype = route.rtype
+    subject = f'{rtype.qualified} "{route.name}"' if route.name else rtype.qualified
+    scope = "at the cluster scope"
+    if route.namespace is not None:
+        scope = f'in the namespace "{route.namespace}"'
+    return (
+        f'{subject} is forbidden: User "{_USER}" cannot {verb} resource "{rtype.plural}" '
+        f'in API group "{rtype.group}" {scope}'
+    )
+
+
+def _fault_message(status: int, verb: str, route: _Route) -> str:
+    if status == 403:
+        return _forbidden_message(verb, route)
+    if status == 404:
+        return _NOT_SERVED
+    if status == 410:
+        return "too old resource version: injected fault"
+    return _DEFAULT_MESSAGES.get(status, f"injected fault {status}")

@@ -1,0 +1,659 @@
+"""Fake vLLM engines for tests and benchmarks.
+
+Each :class:`FakeEngine` is a small stdlib HTTP/1.1 server listening on its own loopback IP
+(standing in for a pod IP). It serves the endpoints that a router's discovery and scraping code
+read from a vLLM 0.33 OpenAI server (``/metrics``, ``/v1/models``, ``/health``,
+``POST /v1/completions``) and can be switched at any time into failure modes (black hole, slow,
+garbage, HTTP 500, oversize, down).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
+from types import TracebackType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.metrics_core import Metric
+
+__all__ = ["EngineMode", "FakeEngine", "split_evenly", "wait_until"]
+
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
+
+# Buckets of vLLM's request latency histograms (seconds).
+_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
+_GARBAGE_METRICS = b"<html><body>502 {{{ this is not prometheus text \x00\xff\xfe }}}\n"
+_GARBAGE_JSON = b'{"object": "list", "data": [{"id": "truncated'
+_MAX_LORA_HISTORY = 16
+_POLL = 0.05  # seconds; bound of every internal wait loop
+
+
+class EngineMode(enum.StrEnum):
+    """Behaviour of a :class:`FakeEngine`."""
+
+    OK = "ok"
+    BLACKHOLE = "blackhole"  # accept, read the request, never answer (until stop)
+    SLOW = "slow"  # answer normally after ``slow_delay`` seconds
+    GARBAGE = "garbage"  # 200 with unparsable /metrics and invalid JSON on /v1/*
+    ERROR500 = "error500"  # 500 everywhere (/health: 503)
+    OVERSIZE = "oversize"  # /metrics body of ``oversize_bytes`` bytes
+    DOWN = "down"  # listening socket closed: connections refused
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """Split ``total`` over ``parts`` so that the parts sum to it (5 over 2 -> [3, 2])."""
+    parts = max(1, parts)
+    base, rest = divmod(int(total), parts)
+    return [base + (1 if i < rest else 0) for i in range(parts)]
+
+
+class _Server(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that tracks its connections so that it can drop them promptly."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, engine: FakeEngine, address: tuple[str, int]) -> None:
+        self.engine = engine
+        self.release = threading.Event()  # set when this server is torn down
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn); skip it.
+        TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            released = self.release.is_set()
+            if not released:
+                self._conns.add(request)
+        if released:
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        self.release.set()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeVLLM/0.33"
+    sys_version = ""
+    timeout = 60.0  # bound idle keep-alive connections
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode())
+
+    def _discard_body(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                break
+            length -= len(chunk)
+
+    def _hold(self, seconds: float | None) -> bool:
+        """Wait ``seconds`` (None: until released). Return False if the server is torn down."""
+        engine = self.server.engine
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while not self.server.release.is_set():
+            if seconds is None and engine.mode is not EngineMode.BLACKHOLE:
+                return False  # black hole lifted: drop the held connection unanswered
+            left = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
+            if left <= 0:
+                return True
+            self.server.release.wait(left)
+        return False
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._discard_body()
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        engine = self.server.engine
+        path = self.path.split("?", 1)[0]
+        engine._count(path)
+        mode = engine.mode
+        if mode is EngineMode.BLACKHOLE:
+            self._hold(None)
+            self.close_connection = True
+            return
+        if mode is EngineMode.SLOW and not self._hold(engine.slow_delay):
+            self.close_connection = True
+            return
+        if self.server.release.is_set():
+            self.close_connection = True
+            return
+        try:
+            self._route(engine, mode, path)
+        except OSError:
+            self.close_connection = True
+
+    def _route(self, engine: FakeEngine, mode: EngineMode, path: str) -> None:
+        if mode is EngineMode.ERROR500:
+            if path == "/health":
+                self._send(503, b"")
+            else:
+                self._send_json(500, {"error": "Internal Server Error"})
+            return
+        if path == "/metrics" and self.command in ("GET", "HEAD"):
+            if mode is EngineMode.GARBAGE:
+                self._send(200, _GARBAGE_METRICS, "text/plain; version=0.0.4; charset=utf-8")
+            elif mode is EngineMode.OVERSIZE:
+                self._send_oversize(engine)
+            else:
+                self._send(200, engine.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
+            return
+        if path == "/health" and self.command in ("GET", "HEAD"):
+            self._send(200, b"", "text/plain")
+            return
+        if path.startswith("/v1/"):
+            if not self._authorized(engine):
+                self._send_json(401, {"error": "Unauthorized"})
+                return
+            if mode is EngineMode.GARBAGE:
+                self._send(200, _GARBAGE_JSON)
+                return
+            if path == "/v1/models" and self.command in ("GET", "HEAD"):
+                self._send_json(200, engine.models_payload())
+                return
+            if path in ("/v1/completions", "/v1/chat/completions") and self.command == "POST":
+                started = time.monotonic()
+                body = engine.completion_payload(chat=path.endswith("chat/completions"))
+                self._send_json(200, body)
+                engine._observe_latency(time.monotonic() - started)
+                return
+        self._send_json(404, {"detail": "Not Found"})
+
+    def _authorized(self, engine: FakeEngine) -> bool:
+        key = engine.api_key
+        if not key:
+            return True
+        return self.headers.get("Authorization", "") == f"Bearer {key}"
+
+    def _send_oversize(self, engine: FakeEngine) -> None:
+        total = max(0, int(engine.oversize_bytes))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(total))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        line = f'vllm:num_requests_running{{engine="0",model_name="{engine.model}"}} 0.0\n'
+        block = line.encode() * max(1, 65536 // len(line))
+        sent = 0
+        while sent < total:
+            if self.server.release.is_set():
+                self.close_connection = True
+                return
+            chunk = block[: total - sent]
+            self.wfile.write(chunk)
+            sent += len(chunk)
+
+
+class FakeEngine:
+    """A fake vLLM OpenAI-compatible server on ``ip:port``.
+
+    Load attributes (``running``, ``waiting``, ``kv_cache_usage``, ``prefix_queries``,
+    ``prefix_hits``, ``sleep_state``, ``running_lora_adapters``, ``waiting_lora_adapters``,
+    ``lora_adapters``) may be assigned at any time from any thread; counts are per-engine totals,
+    split over the data-parallel ranks on the metrics page. ``mode`` may also be set at any time.
+    """
+
+    def __init__(
+        self,
+        ip: str,
+        port: int = 8000,
+        *,
+        model: str = "meta-llama/Llama-3.1-8B-Instruct",
+        lora_adapters: Sequence[str] = (),
+        api_key: str | None = None,
+        dp_ranks: int = 1,
+        legacy_names: bool = False,
+        max_lora: int = 4,
+        max_model_len: int = 8192,
+    ) -> None:
+        if dp_ranks < 1:
+            raise ValueError("dp_ranks must be >= 1")
+        self.ip = ip
+        self.port = port
+        self.model = model
+        self.lora_adapters: list[str] = list(lora_adapters)
+        self.api_key = api_key
+        self.dp_ranks = dp_ranks
+        self.legacy_names = legacy_names
+        self.max_lora = max_lora
+        self.max_model_len = max_model_len
+
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.sleep_state = "awake"
+        self.running_lora_adapters: list[str] = []
+        self.waiting_lora_adapters: list[str] = []
+        self.slow_delay = 2.0
+        self.oversize_bytes = 50 * 1024 * 1024
+
+        self._lock = threading.RLock()
+        self._mode = EngineMode.OK
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._counts: dict[str, int] = {}
+        self._created = time.time()
+        self._rank_created = [self._created + i * 1e-4 for i in range(dp_ranks)]
+        self._lora_history: dict[tuple[str, str, str], float] = {}
+        self._latency_buckets = [[0] * len(_LATENCY_BUCKETS) for _ in range(dp_ranks)]
+        self._latency_sum = [0.0] * dp_ranks
+        self._latency_count = [0] * dp_ranks
+        self._completions = 0
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_EngineCollector(self))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.port}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+    def start(self) -> FakeEngine:
+        with self._lock:
+            if self._started:
+                return self
+            self._started = True
+            if self._mode is not EngineMode.DOWN:
+                try:
+                    self._bind()
+                except BaseException:
+                    self._started = False
+                    raise
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._started = False
+            self._unbind()
+
+    def __enter__(self) -> FakeEngine:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def is_listening(self) -> bool:
+        with self._lock:
+            return self._server is not None
+
+    def _bind(self) -> None:
+        server = _Server(self, (self.ip, self.port))
+        self.port = server.server_port  # resolves port 0 once; rebinding reuses it
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": _POLL},
+            name=f"fake-vllm-{self.ip}:{self.port}",
+            daemon=True,
+        )
+        self._server, self._thread = server, thread
+        thread.start()
+
+    def _unbind(self) -> None:
+        server, thread = self._server, self._thread
+        self._server, self._thread = None, None
+        if server is None:
+            return
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        server.drop_connections()
+        if thread is not None:
+            thread.join(timeout=2.0)
+
+    # -- mode -----------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> EngineMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: EngineMode | str) -> None:
+        new = EngineMode(value)
+        with self._lock:
+            old = self._mode
+            self._mode = new
+            if not self._started or old is new:
+                return
+            if new is EngineMode.DOWN:
+                self._unbind()
+            elif self._server is None:
+                self._bind()
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def request_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def _count(self, path: str) -> None:
+        with self._lock:
+            self._counts[path] = self._counts.get(path, 0) + 1
+
+    def _observe_latency(self, seconds: float) -> None:
+        with self._lock:
+            rank = self._completions % self.dp_ranks
+            self._completions += 1
+            for i, bound in enumerate(_LATENCY_BUCKETS):
+                if seconds <= bound:
+                    self._latency_buckets[rank][i] += 1
+            self._latency_sum[rank] += seconds
+            self._latency_count[rank] += 1
+
+    # -- payloads -------------------------------------------------------------------------------
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text page as served in OK mode."""
+        return generate_latest(self._registry)
+
+    def models_payload(self) -> dict[str, Any]:
+        created = int(time.time())
+        with self._lock:
+            adapters = list(self.lora_adapters)
+
+        def card(
+            model_id: str, root: str, parent: str | None, max_len: int | None
+        ) -> dict[str, Any]:
+            return {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "vllm",
+                "root": root,
+                "parent": parent,
+                "max_model_len": max_len,
+                "permission": [
+                    {
+                        "id": f"modelperm-{uuid.uuid4().hex}",
+                        "object": "model_permission",
+                        "created": created,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+
+        data = [card(self.model, self.model, None, self.max_model_len)]
+        data += [card(name, f"/adapters/{name}", self.model, None) for name in adapters]
+        return {"object": "list", "data": data}
+
+    def completion_payload(self, chat: bool = False) -> dict[str, Any]:
+        created = int(time.time())
+        usage = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+        if chat:
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+                "served_by": self.ip,
+            }
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage,
+            "served_by": self.ip,
+        }
+
+    def _snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            running = ",".join(self.running_lora_adapters)
+            waiting = ",".join(self.waiting_lora_adapters)
+            key = (str(self.max_lora), running, waiting)
+            now = time.time()
+            newest = max(self._lora_history.values(), default=0.0)
+            self._lora_history.pop(key, None)
+            self._lora_history[key] = max(now, newest + 1e-3)
+            while len(self._lora_history) > _MAX_LORA_HISTORY:
+                self._lora_history.pop(next(iter(self._lora_history)))
+            return {
+                "running": int(self.running),
+                "waiting": int(self.waiting),
+                "kv": float(self.kv_cache_usage),
+                "queries": int(self.prefix_queries),
+                "hits": int(self.prefix_hits),
+                "sleep_state": str(self.sleep_state),
+                "lora": dict(self._lora_history),
+                "buckets": [list(b) for b in self._latency_buckets],
+                "lat_sum": list(self._latency_sum),
+                "lat_count": list(self._latency_count),
+            }
+
+
+class _EngineCollector:
+    """Renders one engine's state as vLLM 0.33 metric families."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self._engine = engine
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        e = self._engine
+        s = e._snapshot()
+        ranks = [str(i) for i in range(e.dp_ranks)]
+        labels = ["model_name", "engine"]
+
+        def gauge(name: str, doc: str, values: Sequence[float]) -> GaugeMetricFamily:
+            fam = GaugeMetricFamily(name, doc, labels=labels)
+            for rank, value in zip(ranks, values, strict=True):
+                fam.add_metric([e.model, rank], value)
+            return fam
+
+        def counter(name: str, doc: str, values: Sequence[float]) -> CounterMetricFamily:
+            fam = CounterMetricFamily(name, doc, labels=labels)
+            for i, (rank, value) in enumerate(zip(ranks, values, strict=True)):
+                fam.add_metric([e.model, rank], value, created=e._rank_created[i])
+            return fam
+
+        n = e.dp_ranks
+        yield gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            split_evenly(s["running"], n),
+        )
+        yield gauge(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            split_evenly(s["waiting"], n),
+        )
+        prefix = "gpu_" if e.legacy_names else ""
+        yield gauge(
+            f"vllm:{prefix}cache_usage_perc" if e.legacy_names else "vllm:kv_cache_usage_perc",
+            "GPU KV-cache usage. 1 means 100 percent usage."
+            if e.legacy_names
+            else "KV-cache usage. 1 means 100 percent usage.",
+            [s["kv"]] * n,
+        )
+        yield counter(
+            f"vllm:{prefix}prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            split_evenly(s["queries"], n),
+        )
+        yield counter(
+            f"vllm:{prefix}prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            split_evenly(s["hits"], n),
+        )
+        yield counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            [0] * n,
+        )
+
+        sleep = GaugeMetricFamily(
+            "vllm:engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine "
+            "is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep "
+            "level 2.",
+            labels=["model_name", "engine", "sleep_state"],
+        )
+        states = list(SLEEP_STATES)
+        if s["sleep_state"] not in states:
+            states.append(s["sleep_state"])
+        for rank in ranks:
+            for state in states:
+                sleep.add_metric([e.model, rank, state], 1.0 if state == s["sleep_state"] else 0.0)
+        yield sleep
+
+        hist = HistogramMetricFamily(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            labels=labels,
+        )
+        for i, rank in enumerate(ranks):
+            buckets: list[tuple[str, float]] = [
+                (_fmt_le(bound), float(s["buckets"][i][j]))
+                for j, bound in enumerate(_LATENCY_BUCKETS)
+            ]
+            buckets.append(("+Inf", float(s["lat_count"][i])))
+            hist.add_metric([e.model, rank], buckets, s["lat_sum"][i])
+        yield hist
+
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        for (max_lora, running, waiting), stamp in s["lora"].items():
+            lora.add_metric([max_lora, running, waiting], stamp)
+        yield lora
+
+        cache = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=[
+                "block_size",
+                "cache_dtype",
+                "enable_prefix_caching",
+                "engine",
+                "gpu_memory_utilization",
+                "num_gpu_blocks",
+            ],
+        )
+        for rank in ranks:
+            cache.add_metric(["16", "auto", "True", rank, "0.92", "27000"], 1.0)
+        yield cache
+
+
+def _fmt_le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` elapses; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
