@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from .cache import ServiceView
 from .discovery import DiscoveryConfigError, K8sServiceDiscovery, load_api_client
 from .scraper import EngineStatsScraper
+from .telemetry import register_metrics, serve_metrics
 from .types import EngineStats
 
 EXIT_OK, EXIT_NO_SYNC, EXIT_USAGE = 0, 1, 2
@@ -135,6 +136,9 @@ def cmd_watch(args: argparse.Namespace, stream: TextIO) -> int:
                                     port=_parse_port(args.port),
                                     cluster_domain=args.cluster_domain, api_client=api_client)
     scraper = EngineStatsScraper(discovery, scrape_interval=args.scrape_interval)
+    if args.metrics_port is not None:
+        register_metrics(discovery, scraper)
+        serve_metrics(args.metrics_port)
     try:
         reason = _wait_for_sync(discovery, args.sync_timeout, sys.stderr)
         if reason is not None:
@@ -192,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--kubeconfig", default=None)
     watch.add_argument("--context", default=None)
     watch.add_argument("--sync-timeout", type=float, default=15.0)
+    watch.add_argument("--metrics-port", type=int, default=None,
+                       help="serve vllm_svcdisc_* Prometheus metrics on this port")
     _output_args(watch)
 
     demo = sub.add_parser("demo", help="run on the embedded simulated cluster (no cluster needed)")

@@ -70,6 +70,43 @@ _EMPTY = _StatsSnapshot(MappingProxyType({}), MappingProxyType({}), 0.0)
 class _Transient(Exception):
     """A failure worth one quick retry (connection reset, 5xx)."""
 
+    def __init__(self, reason: str, cause: str) -> None:
+        super().__init__(reason)
+        self.cause = cause
+
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ScrapeTelemetry:
+    """Counters the Prometheus collector reads: scrape durations and failures by cause."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.failures_by_cause: dict[str, int] = {}
+
+    def observe(self, seconds: float, failure_cause: str | None) -> None:
+        index = next((i for i, bound in enumerate(DURATION_BUCKETS) if seconds <= bound),
+                     len(DURATION_BUCKETS))
+        with self._lock:
+            self._counts[index] += 1
+            self.duration_sum += seconds
+            if failure_cause is not None:
+                causes = self.failures_by_cause
+                causes[failure_cause] = causes.get(failure_cause, 0) + 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative histogram buckets, ``+Inf`` last, as prometheus_client wants them."""
+        with self._lock:
+            counts = list(self._counts)
+        result, running = [], 0
+        for bound, count in zip([*map(str, DURATION_BUCKETS), "+Inf"], counts, strict=True):
+            running += count
+            result.append((bound, float(running)))
+        return result
+
 
 class EngineStatsScraper:
     """Scrapes ``http://<pod ip>:<pod port>/metrics`` of every ready pod discovery knows.
@@ -110,6 +147,7 @@ class EngineStatsScraper:
         self._stop = threading.Event()
         self._snapshot = _EMPTY
         self._last_cycle: float | None = None
+        self._telemetry = ScrapeTelemetry()
         self._thread = threading.Thread(target=self._run, name="svcdisc-scraper", daemon=True)
         self._thread.start()
 
@@ -125,6 +163,10 @@ class EngineStatsScraper:
     def get_pod_engine_stats(self) -> Mapping[str, EngineStats]:
         """Per-pod stats keyed by ``http://<pod ip>:<pod port>``."""
         return self._snapshot.by_pod
+
+    def telemetry(self) -> ScrapeTelemetry:
+        """Scrape durations and failures by cause (read by ``telemetry.DiscoveryCollector``)."""
+        return self._telemetry
 
     def get_health(self) -> bool:
         """The scrape thread runs and finished a cycle recently."""
@@ -152,24 +194,39 @@ class EngineStatsScraper:
     def _run(self) -> None:
         publish_every = min(0.1, self.scrape_interval / 4)
         next_tick = time.monotonic()
+        last_publish = -publish_every
+        seen: object = None  # the discovery snapshot the pod set was last taken from
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
-                if now >= next_tick:
-                    self._schedule(now)
-                    next_tick = now + self.scrape_interval
-                    self._publish()
-                    self._last_cycle = time.monotonic()
-                elif self._dirty.is_set():
+                snapshot = self.discovery.get_snapshot()
+                tick = now >= next_tick
+                removed = False
+                if tick or snapshot is not seen:
+                    # Between ticks a discovery change drops gone pods and starts new ones
+                    # at once; a tick also re-scrapes every due pod.
+                    seen = snapshot
+                    if tick:
+                        next_tick = now + self.scrape_interval
+                    removed = self._schedule(now, snapshot, tick=tick)
+                if tick or removed or (self._dirty.is_set()
+                                       and now - last_publish >= publish_every):
                     self._dirty.clear()
                     self._publish()
+                    last_publish = now
+                    if tick:
+                        self._last_cycle = time.monotonic()
             except Exception:  # the scheduler must survive anything a cycle throws
                 log.exception("scrape cycle failed; continuing")
-            self._dirty.wait(min(publish_every, max(0.0, next_tick - time.monotonic())))
+            now = time.monotonic()
+            if self._dirty.is_set():  # results wait for the next publish slot (coalesced)
+                self._stop.wait(max(0.0, min(next_tick, last_publish + publish_every) - now))
+            else:
+                self._dirty.wait(min(publish_every, max(0.0, next_tick - now)))
 
-    def _targets(self) -> dict[str, ScrapeTarget]:
+    def _targets(self, snapshot: Any) -> dict[str, ScrapeTarget]:
         targets: dict[str, ScrapeTarget] = {}
-        for view in self.discovery.get_snapshot().services.values():
+        for view in snapshot.services.values():
             if view.url is None:
                 continue
             for pod in view.pods:
@@ -177,40 +234,52 @@ class EngineStatsScraper:
                     targets[pod.url] = ScrapeTarget(pod.url, view.url)
         return targets
 
-    def _schedule(self, now: float) -> None:
-        targets = self._targets()
+    def _schedule(self, now: float, snapshot: Any, *, tick: bool = True) -> bool:
+        """Sync the pod set with discovery and submit due pods (only new ones off-tick).
+
+        Returns True when a pod left, so the caller publishes without it at once.
+        """
+        targets = self._targets(snapshot)
         with self._lock:
-            for url in list(self._pods.keys() - targets.keys()):
+            gone = list(self._pods.keys() - targets.keys())
+            for url in gone:
                 del self._pods[url]
                 self._readings.pop(url, None)
             due = []
             for url, target in targets.items():
                 state = self._pods.get(url)
+                is_new = state is None
                 if state is None:
                     state = self._pods[url] = _PodState(target)
                 state.target = target
-                if not state.in_flight and state.next_due <= now:
+                if (tick or is_new) and not state.in_flight and state.next_due <= now:
                     state.in_flight = True
                     due.append(state)
         for state in due:
             try:
                 self._pool.submit(self._scrape, state)
             except RuntimeError:  # pool shut down: closing
-                return
+                break
+        return bool(gone)
 
     # -- a worker ----------------------------------------------------------------------------
 
     def _scrape(self, state: _PodState) -> None:
         url = state.target.pod_url
+        started = time.monotonic()
+        sample: PodSample | None = None
+        error = cause = None
         try:
             sample = self._fetch_sample(url)
-            error = None
-        except (HttpFetchError, MetricsParseError, _Transient) as exc:
-            sample, error = None, str(exc)
+        except (HttpFetchError, _Transient) as exc:
+            error, cause = str(exc), exc.cause
+        except MetricsParseError as exc:
+            error, cause = str(exc), "parse"
         except Exception as exc:  # a worker must never die with the pod marked in flight
             log.exception("scraping %s crashed", url)
-            sample, error = None, f"crashed: {exc.__class__.__name__}"
+            error, cause = f"crashed: {exc.__class__.__name__}", "other"
         now = time.monotonic()
+        self._telemetry.observe(now - started, cause)
         with self._lock:
             state.in_flight = False
             if self._stop.is_set() or self._pods.get(url) is not state:
@@ -240,12 +309,12 @@ class EngineStatsScraper:
                                      max_bytes=self.max_bytes)
             except HttpFetchError as exc:
                 if exc.transient:
-                    raise _Transient(exc.reason) from None
+                    raise _Transient(exc.reason, exc.cause) from None
                 raise
             if status >= 500:
-                raise _Transient(f"HTTP {status}")
+                raise _Transient(f"HTTP {status}", "http")
             if status != 200:
-                raise HttpFetchError(f"HTTP {status}", transient=False)
+                raise HttpFetchError(f"HTTP {status}", transient=False, cause="http")
             return parse_metrics_body(body)
 
         retrying = tenacity.Retrying(

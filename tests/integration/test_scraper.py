@@ -1,0 +1,501 @@
+"""EngineStatsScraper against the simulator: real HTTP to fake vLLM engines, real kubernetes client.
+
+Timing rules: no blind sleeps (every wait polls a condition with a deadline) and freshness is
+asserted on sample ages (``oldest_sample_age``), not on how long a test took.  The only
+wall-clock assertions are the ones the contract states in seconds (``close()`` < 2 s, a removed
+pod dropped well before the next scrape tick).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.scraper import EngineStatsScraper
+from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
+from vllm_router_svcdisc.sim.engine import EngineMode
+from vllm_router_svcdisc.types import EngineStats
+
+INTERVAL = 0.25
+TIMEOUT = 0.5
+
+MakeScraper = Callable[..., EngineStatsScraper]
+
+
+@pytest.fixture
+def make_scraper() -> Iterator[MakeScraper]:
+    """``make_scraper(discovery, **kw)`` with small interval/timeout; all closed at teardown."""
+    made: list[EngineStatsScraper] = []
+
+    def factory(discovery: Any, **kwargs: Any) -> EngineStatsScraper:
+        kwargs.setdefault("scrape_interval", INTERVAL)
+        kwargs.setdefault("timeout", TIMEOUT)
+        scraper = EngineStatsScraper(discovery, **kwargs)
+        made.append(scraper)
+        return scraper
+
+    yield factory
+    for scraper in made:
+        scraper.close()
+
+
+def _discovery(make_discovery: Callable[..., K8sServiceDiscovery], cluster: SimCluster,
+               **kwargs: Any) -> K8sServiceDiscovery:
+    discovery = make_discovery(cluster, **kwargs)
+    assert discovery.wait_until_synced(10)
+    return discovery
+
+
+def _urls(pods: list[SimPod]) -> set[str]:
+    return {pod.engine.url for pod in pods}
+
+
+def _service(scraper: EngineStatsScraper, url: str) -> EngineStats | None:
+    return scraper.get_engine_stats().get(url)
+
+
+def _wait_service(scraper: EngineStatsScraper, url: str,
+                  predicate: Callable[[EngineStats], bool] = lambda s: True,
+                  timeout: float = 10.0) -> EngineStats:
+    def check() -> EngineStats | None:
+        stats = _service(scraper, url)
+        return stats if stats is not None and predicate(stats) else None
+
+    return wait_for(check, timeout,
+                    lambda: f"stats of {url}: {scraper.get_engine_stats().get(url)!r}")
+
+
+def _wait_pods(scraper: EngineStatsScraper, urls: set[str], timeout: float = 10.0) -> None:
+    """Until the per-pod keys are exactly ``urls``."""
+    wait_for(lambda: set(scraper.get_pod_engine_stats()) == urls, timeout,
+             lambda: f"pod keys {sorted(scraper.get_pod_engine_stats())} != {sorted(urls)}")
+
+
+def _fresh_cycles(scraper: EngineStatsScraper, url: str, cycles: int) -> None:
+    """Wait until the newest sample of ``url``'s Service is ``cycles`` intervals newer."""
+    start = _wait_service(scraper, url).sample_time
+    _wait_service(scraper, url, lambda s: s.sample_time >= start + cycles * INTERVAL)
+
+
+# -- aggregation --------------------------------------------------------------------------------
+
+
+def test_dp2_ranks_sum_per_pod_and_per_service(cluster: SimCluster, make_discovery: Any,
+                                               make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-dp", replicas=2, dp_ranks=2)
+    first, second = cluster.pods("vllm-dp")
+    assert b'engine="1"' in first.engine.metrics_text()  # really two ranks on one page
+    first.engine.running, first.engine.waiting, first.engine.kv_cache_usage = 3, 5, 0.25
+    second.engine.running, second.engine.waiting, second.engine.kv_cache_usage = 4, 1, 0.75
+    first.engine.prefix_queries, first.engine.prefix_hits = 101, 51
+    second.engine.prefix_queries, second.engine.prefix_hits = 10, 3
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    url = cluster.url_of("vllm-dp")
+
+    stats = _wait_service(scraper, url, lambda s: s.pods_scraped == 2)
+    pods = stats.per_pod
+    assert set(pods) == _urls([first, second])
+    assert (pods[first.engine.url].num_running_requests,
+            pods[first.engine.url].num_queuing_requests) == (3, 5)
+    assert (pods[second.engine.url].num_running_requests,
+            pods[second.engine.url].num_queuing_requests) == (4, 1)
+    assert pods[first.engine.url].gpu_prefix_cache_queries_total == 101  # 51 + 50 over ranks
+    assert pods[first.engine.url].gpu_prefix_cache_hits_total == 51
+    assert pods[first.engine.url].gpu_cache_usage_perc == pytest.approx(0.25)
+    assert stats.num_running_requests == 7
+    assert stats.num_queuing_requests == 6
+    assert stats.gpu_prefix_cache_queries_total == 111
+    assert stats.gpu_prefix_cache_hits_total == 54
+    assert stats.gpu_cache_usage_perc == pytest.approx(0.5)  # mean over pods
+    assert stats.gpu_cache_usage_perc_max == pytest.approx(0.75)
+    assert (stats.pods_failed, stats.pods_stale) == (0, 0)
+    assert scraper.get_pod_engine_stats()[first.engine.url].num_running_requests == 3
+
+
+def test_legacy_and_current_names_give_the_same_stats(cluster: SimCluster, make_discovery: Any,
+                                                      make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-new", replicas=2, dp_ranks=2)
+    cluster.add_service("vllm-old", replicas=2, dp_ranks=2, legacy_names=True)
+    assert b"vllm:gpu_cache_usage_perc" in cluster.pods("vllm-old")[0].engine.metrics_text()
+    for name in ("vllm-new", "vllm-old"):
+        for i, pod in enumerate(cluster.pods(name)):
+            pod.engine.running, pod.engine.waiting = 2 + i, 1 + i
+            pod.engine.kv_cache_usage = 0.2 + 0.4 * i
+            pod.engine.prefix_queries, pod.engine.prefix_hits = 200 * (i + 1), 50 * (i + 1)
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+
+    def figures(stats: EngineStats) -> tuple[Any, ...]:
+        return (stats.num_running_requests, stats.num_queuing_requests,
+                round(stats.gpu_cache_usage_perc, 6), round(stats.gpu_cache_usage_perc_max, 6),
+                stats.gpu_prefix_cache_queries_total, stats.gpu_prefix_cache_hits_total,
+                stats.pods_scraped)
+
+    new = _wait_service(scraper, cluster.url_of("vllm-new"), lambda s: s.pods_scraped == 2)
+    old = _wait_service(scraper, cluster.url_of("vllm-old"), lambda s: s.pods_scraped == 2)
+    assert figures(new) == figures(old) == (5, 3, 0.4, 0.6, 600, 150, 2)
+
+
+def test_lora_info_and_sleep_state_reach_engine_stats(cluster: SimCluster, make_discovery: Any,
+                                                      make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-lora", replicas=2, lora_adapters=["sql-lora", "chat-lora"],
+                        max_lora=3)
+    first, second = cluster.pods("vllm-lora")
+    first.engine.running_lora_adapters = ["sql-lora"]
+    first.engine.waiting_lora_adapters = ["chat-lora"]
+    second.engine.running_lora_adapters = ["chat-lora"]
+    for pod in (first, second):
+        pod.engine.sleep_state = "weights_offloaded"
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    url = cluster.url_of("vllm-lora")
+
+    stats = _wait_service(scraper, url, lambda s: s.pods_scraped == 2)
+    assert stats.max_lora == 3
+    assert stats.running_lora_adapters == ("chat-lora", "sql-lora")
+    assert stats.waiting_lora_adapters == ("chat-lora",)
+    assert stats.per_pod[first.engine.url].running_lora_adapters == ("sql-lora",)
+    assert stats.per_pod[first.engine.url].waiting_lora_adapters == ("chat-lora",)
+    assert stats.per_pod[second.engine.url].waiting_lora_adapters == ()
+    assert stats.sleep and stats.per_pod[first.engine.url].sleep
+
+    # One pod wakes up: the Service can serve again, the other pod still sleeps.
+    first.engine.sleep_state = "awake"
+    first.engine.running_lora_adapters = []
+    stats = _wait_service(scraper, url, lambda s: not s.sleep)
+    assert not stats.per_pod[first.engine.url].sleep
+    assert stats.per_pod[second.engine.url].sleep
+    stats = _wait_service(scraper, url, lambda s: s.running_lora_adapters == ("chat-lora",))
+    assert stats.per_pod[first.engine.url].running_lora_adapters == ()
+
+
+def test_hit_rate_is_over_the_last_interval(cluster: SimCluster, make_discovery: Any,
+                                            make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-hits", replicas=2, dp_ranks=2)
+    first, second = cluster.pods("vllm-hits")
+    for pod in (first, second):  # a long history with a lifetime hit rate of 0.9
+        pod.engine.prefix_queries, pod.engine.prefix_hits = 10_000, 9_000
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    url = cluster.url_of("vllm-hits")
+    _wait_service(scraper, url, lambda s: s.gpu_prefix_cache_queries_total == 20_000
+                  and s.pods_scraped == 2)
+    # Counters unchanged over an interval: nothing queried, rate 0 (not the lifetime 0.9).
+    _wait_service(scraper, url, lambda s: s.gpu_prefix_cache_hit_rate == 0.0
+                  and all(p.sample_time > 0 for p in s.per_pod.values()))
+
+    def bump(pod: SimPod, queries: int, hits: int) -> None:
+        engine = pod.engine
+        with engine._lock:  # both counters move in one step, as one engine step would
+            engine.prefix_queries += queries
+            engine.prefix_hits += hits
+
+    def interval_rates_seen() -> bool:
+        stats = _service(scraper, url)
+        if stats is None or len(stats.per_pod) != 2:
+            return False
+        a, b = stats.per_pod[first.engine.url], stats.per_pod[second.engine.url]
+        return (a.gpu_prefix_cache_hit_rate == pytest.approx(0.3)
+                and b.gpu_prefix_cache_hit_rate == pytest.approx(0.5)
+                and stats.gpu_prefix_cache_hit_rate == pytest.approx(0.4))  # 80 / 200
+
+    # A scrape tick may fall between the two bumps (then the deltas land in different
+    # intervals); bump again until both pods' deltas are in the same published snapshot.
+    for _ in range(5):
+        bump(first, 100, 30)
+        bump(second, 100, 50)
+        deadline = time.monotonic() + 6 * INTERVAL
+        while time.monotonic() < deadline and not interval_rates_seen():
+            time.sleep(0.01)
+        if interval_rates_seen():
+            break
+    else:
+        pytest.fail(f"interval hit rates never seen: {_service(scraper, url)!r}")
+    # And the next interval, with no new queries, reads 0 again.
+    _wait_service(scraper, url, lambda s: s.gpu_prefix_cache_hit_rate == 0.0)
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+def test_bad_pods_do_not_stall_healthy_ones(cluster: SimCluster, make_discovery: Any,
+                                            make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-mixed", replicas=7)
+    pods = cluster.pods("vllm-mixed")
+    healthy, bad = pods[:2], pods[2:]
+    for pod, mode in zip(bad, (EngineMode.BLACKHOLE, EngineMode.SLOW, EngineMode.GARBAGE,
+                               EngineMode.ERROR500, EngineMode.DOWN), strict=True):
+        pod.engine.slow_delay = 10 * TIMEOUT  # always past the scrape timeout
+        pod.engine.mode = mode
+    for i, pod in enumerate(healthy):
+        pod.engine.running = i + 1
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    url = cluster.url_of("vllm-mixed")
+
+    stats = _wait_service(scraper, url, lambda s: s.pods_failed == 5)
+    assert stats.pods_scraped == 2
+    assert stats.num_running_requests == 3
+    assert set(stats.per_pod) == _urls(healthy)
+
+    # Over several cycles every healthy pod's sample stays fresh and the Service stays present.
+    bound = 2 * INTERVAL + 0.3
+    worst = 0.0
+    start = stats.sample_time
+    while True:
+        stats = scraper.get_engine_stats().get(url)  # type: ignore[assignment]
+        assert stats is not None, "a Service with healthy pods vanished"
+        assert set(stats.per_pod) == _urls(healthy)
+        assert stats.pods_failed == 5
+        for pod_url, pod_stats in stats.per_pod.items():
+            age = pod_stats.oldest_sample_age
+            worst = max(worst, age)
+            assert age < bound, f"{pod_url} sample is {age:.3f}s old (bound {bound:.2f}s)"
+        assert stats.oldest_sample_age < bound
+        if stats.sample_time >= start + 8 * INTERVAL:
+            break
+        time.sleep(0.01)
+    assert scraper.get_health()
+    assert all(p.engine.request_counts().get("/metrics", 0) >= 1 for p in bad[:4])
+
+
+def test_service_whose_pods_all_fail_is_absent(cluster: SimCluster, make_discovery: Any,
+                                               make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-ok", replicas=1)
+    cluster.add_service("vllm-broken", replicas=2)
+    broken = cluster.pods("vllm-broken")
+    broken[0].engine.mode = EngineMode.ERROR500
+    broken[1].engine.mode = EngineMode.GARBAGE
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    ok_url, broken_url = cluster.url_of("vllm-ok"), cluster.url_of("vllm-broken")
+
+    def scraped_broken_twice() -> bool:
+        assert broken_url not in scraper.get_engine_stats(), "failing Service reported"
+        return all(p.engine.request_counts().get("/metrics", 0) >= 2 for p in broken)
+
+    wait_for(scraped_broken_twice, 10, "the broken pods were not scraped")
+    _fresh_cycles(scraper, ok_url, 2)
+    assert broken_url not in scraper.get_engine_stats()
+    assert not _urls(broken) & set(scraper.get_pod_engine_stats())
+    assert set(scraper.get_engine_stats()) == {ok_url}
+
+
+def test_silent_pod_keeps_last_stats_until_ttl(cluster: SimCluster, make_discovery: Any,
+                                               make_scraper: MakeScraper) -> None:
+    stale_after = 1.6  # the stale mark (2 intervals + timeout = 1 s) shows for 2+ ticks
+    cluster.add_service("vllm-ttl", replicas=2)
+    alive, silent = cluster.pods("vllm-ttl")
+    alive.engine.running, silent.engine.running = 1, 7
+    scraper = make_scraper(_discovery(make_discovery, cluster), stale_after=stale_after)
+    url = cluster.url_of("vllm-ttl")
+    _wait_service(scraper, url, lambda s: s.pods_scraped == 2 and s.num_running_requests == 8)
+
+    silent.engine.mode = EngineMode.DOWN
+    silent.engine.running = 99  # never seen: the engine no longer answers
+    _wait_service(scraper, url, lambda s: s.pods_failed == 1)
+    oldest_kept = 0.0
+    stale_seen = False
+    while True:  # until the silent pod drops out (bounded by wait_for below)
+        stats = _wait_service(scraper, url)
+        pod = stats.per_pod.get(silent.engine.url)
+        if pod is None:
+            break
+        age = pod.oldest_sample_age
+        assert pod.num_running_requests == 7  # the last good reading, kept
+        assert age < stale_after + 0.5, f"kept {age:.2f}s, past the TTL"
+        assert stats.pods_scraped == 2 and stats.num_running_requests == 8
+        oldest_kept = max(oldest_kept, age)
+        stale_seen = stale_seen or stats.pods_stale == 1
+        assert time.monotonic() < pod.sample_time + stale_after + 5, "never expired"
+        time.sleep(0.01)
+    assert oldest_kept > stale_after - 2 * INTERVAL - 0.2, f"dropped after {oldest_kept:.2f}s"
+    assert stale_seen, oldest_kept  # older than 2 intervals + timeout: counted as stale meanwhile
+    stats = _wait_service(scraper, url)
+    assert set(stats.per_pod) == {alive.engine.url}
+    assert (stats.pods_scraped, stats.pods_failed, stats.num_running_requests) == (1, 1, 1)
+
+
+def test_oversize_body_is_rejected(cluster: SimCluster, make_discovery: Any,
+                                   make_scraper: MakeScraper,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="vllm_router_svcdisc.scraper")
+    cluster.add_service("vllm-big", replicas=2)
+    normal, big = cluster.pods("vllm-big")
+    big.engine.mode = EngineMode.OVERSIZE
+    big.engine.oversize_bytes = 300_000
+    scraper = make_scraper(_discovery(make_discovery, cluster), max_bytes=200_000)
+    url = cluster.url_of("vllm-big")
+
+    stats = _wait_service(scraper, url, lambda s: s.pods_failed == 1)
+    assert set(stats.per_pod) == {normal.engine.url}
+    wait_for(lambda: any(big.engine.url in r.getMessage() and "byte cap" in r.getMessage()
+                         for r in caplog.records), 5, "no size-cap failure logged")
+    assert big.engine.url not in scraper.get_pod_engine_stats()
+
+
+# -- membership ---------------------------------------------------------------------------------
+
+
+def test_removed_pod_is_dropped_at_once_even_mid_scrape(cluster: SimCluster,
+                                                         make_discovery: Any,
+                                                         make_scraper: MakeScraper) -> None:
+    interval, slow_delay = 2.0, 0.8  # a long interval: "at once" must not mean "next tick"
+    cluster.add_service("vllm-rm", replicas=3)
+    keep, gone, slow = cluster.pods("vllm-rm")
+    discovery = _discovery(make_discovery, cluster)
+    scraper = make_scraper(discovery, scrape_interval=interval, timeout=2 * slow_delay)
+    url = cluster.url_of("vllm-rm")
+    _wait_pods(scraper, _urls([keep, gone, slow]))
+
+    def routable(pod: SimPod) -> bool:
+        view = discovery.get_snapshot().services.get("default/vllm-rm")
+        return view is not None and any(p.url == pod.engine.url for p in view.ready_pods)
+
+    # A plain removal between ticks.
+    cluster.finish_termination(gone)
+    wait_for(lambda: not routable(gone), 5, "discovery never dropped the pod")
+    seen = time.monotonic()
+    _wait_pods(scraper, _urls([keep, slow]), timeout=interval)
+    assert time.monotonic() - seen < interval / 2
+    stats = _wait_service(scraper, url)
+    assert stats.pods_scraped == 2 and gone.engine.url not in stats.per_pod
+
+    # A SLOW pod removed while its scrape is in flight: its late answer is discarded.
+    slow.engine.slow_delay = slow_delay
+    slow.engine.mode = EngineMode.SLOW
+    before = slow.engine.request_counts().get("/metrics", 0)
+    wait_for(lambda: slow.engine.request_counts().get("/metrics", 0) > before, 2 * interval + 2,
+             "no scrape of the slow pod started")
+    started = time.monotonic()
+    cluster.set_ready(slow, False)  # out of the endpoints; the engine still answers later
+    wait_for(lambda: not routable(slow), 5, "discovery never dropped the slow pod")
+    _wait_pods(scraper, {keep.engine.url}, timeout=interval)
+    assert time.monotonic() - started < slow_delay, "dropped only after the scrape ended"
+    # Wait (on sample times) until a later scrape cycle has completed well after the slow
+    # answer came back: the removed pod must not have been re-added by it.
+    _wait_service(scraper, url,
+                  lambda s: s.sample_time > started + slow_delay + 0.2, timeout=3 * interval + 2)
+    assert set(scraper.get_pod_engine_stats()) == {keep.engine.url}
+    assert set(_wait_service(scraper, url).per_pod) == {keep.engine.url}
+
+
+def test_scale_1_8_1_per_pod_keys_follow(cluster: SimCluster, make_discovery: Any,
+                                         make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-scale", replicas=1)
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    url = cluster.url_of("vllm-scale")
+    first = cluster.pods("vllm-scale")
+    _wait_pods(scraper, _urls(first))
+
+    cluster.scale("vllm-scale", 8)
+    eight = cluster.pods("vllm-scale")
+    assert len(eight) == 8
+    _wait_pods(scraper, _urls(eight))
+    assert set(_wait_service(scraper, url, lambda s: s.pods_scraped == 8).per_pod) == _urls(eight)
+
+    cluster.scale("vllm-scale", 1)
+    one = cluster.pods("vllm-scale")
+    assert len(one) == 1
+    _wait_pods(scraper, _urls(one))
+    stats = _wait_service(scraper, url, lambda s: s.pods_scraped == 1)
+    assert set(stats.per_pod) == _urls(one)
+    assert stats.pods_failed == 0  # removed pods are gone, not counted as failures
+    _fresh_cycles(scraper, url, 2)
+    assert set(scraper.get_pod_engine_stats()) == _urls(one)
+
+
+def test_pod_routing_keys_are_pod_urls(cluster: SimCluster, make_discovery: Any,
+                                       make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-a", replicas=2)
+    cluster.add_service("vllm-b", replicas=1)
+    discovery = _discovery(make_discovery, cluster, routing="pod")
+    scraper = make_scraper(discovery)
+    pods = cluster.pods("vllm-a") + cluster.pods("vllm-b")
+    wait_for(lambda: set(scraper.get_engine_stats()) == _urls(pods), 10,
+             lambda: f"keys {sorted(scraper.get_engine_stats())}")
+    wait_for(lambda: {e.url for e in discovery.get_endpoint_info()} == _urls(pods), 10,
+             "discovery pod urls")
+    stats = scraper.get_engine_stats()
+    assert all(s.pods_scraped == 1 for s in stats.values())
+    assert cluster.url_of("vllm-a") not in stats
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+
+
+def test_health_true_while_running_false_after_close(cluster: SimCluster, make_discovery: Any,
+                                                     make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-h", replicas=1)
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    wait_for(scraper.get_health, 5, "scraper never healthy")
+    _fresh_cycles(scraper, cluster.url_of("vllm-h"), 2)
+    assert scraper.get_health()
+    scraper.close()
+    assert not scraper.get_health()
+    scraper.close()  # idempotent
+    assert not scraper.get_health()
+
+
+def test_close_is_prompt_with_scrapes_in_flight(cluster: SimCluster, make_discovery: Any,
+                                                make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-hole", replicas=4)
+    pods = cluster.pods("vllm-hole")
+    for pod in pods[1:]:
+        pod.engine.mode = EngineMode.BLACKHOLE
+    scraper = make_scraper(_discovery(make_discovery, cluster), timeout=10.0)
+    _wait_service(scraper, cluster.url_of("vllm-hole"))
+    wait_for(lambda: all(p.engine.request_counts().get("/metrics", 0) >= 1 for p in pods[1:]),
+             5, "black-holed pods not being scraped")
+    thread = scraper._thread
+    started = time.monotonic()
+    scraper.close()
+    assert time.monotonic() - started < 2.0
+    assert not thread.is_alive()
+    assert not scraper.get_health()
+
+
+def test_concurrent_readers_never_raise(cluster: SimCluster, make_discovery: Any,
+                                        make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-r", replicas=2)
+    scraper = make_scraper(_discovery(make_discovery, cluster))
+    url = cluster.url_of("vllm-r")
+    _wait_service(scraper, url)
+    errors: list[BaseException] = []
+    reads = [0]
+    stop = threading.Event()
+
+    def read_all(stats: Mapping[str, EngineStats]) -> None:
+        for key, value in stats.items():
+            assert isinstance(key, str)
+            _ = (value.num_running_requests, value.gpu_cache_usage_perc,
+                 value.oldest_sample_age, dict(value.per_pod))
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                read_all(scraper.get_engine_stats())
+                read_all(scraper.get_pod_engine_stats())
+                scraper.get_health()
+                reads[0] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        cluster.scale("vllm-r", 5)
+        _wait_pods(scraper, _urls(cluster.pods("vllm-r")))
+        cluster.pods("vllm-r")[-1].engine.mode = EngineMode.ERROR500
+        cluster.scale("vllm-r", 1)
+        _wait_pods(scraper, _urls(cluster.pods("vllm-r")))
+        _fresh_cycles(scraper, url, 2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    assert not errors, errors
+    assert reads[0] > 100

@@ -1,0 +1,109 @@
+"""Self-metrics (prometheus) and the CLI, on the simulated cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import wait_for
+from vllm_router_svcdisc import cli
+from vllm_router_svcdisc.scraper import EngineStatsScraper
+from vllm_router_svcdisc.sim.engine import EngineMode
+from vllm_router_svcdisc.telemetry import register_metrics, serve_metrics
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_self_metrics_report_informers_cache_and_scrapes(cluster, make_discovery) -> None:
+    cluster.add_service("alpha", replicas=2)
+    cluster.add_service("beta", replicas=1)
+    cluster.pods("beta")[0].engine.mode = EngineMode.GARBAGE  # /v1/models and /metrics fail
+    discovery = make_discovery(cluster)
+    scraper = EngineStatsScraper(discovery, scrape_interval=0.2, timeout=0.5)
+    try:
+        registry = CollectorRegistry()
+        register_metrics(discovery, scraper, registry=registry)
+        wait_for(lambda: len(scraper.get_pod_engine_stats()) == 2, message="alpha scraped")
+
+        def parse_failure_counted() -> bool:
+            return _samples(registry).get(
+                ("vllm_svcdisc_scrape_failures_total", (("cause", "parse"),)), 0) > 0
+
+        wait_for(parse_failure_counted, message="garbage /metrics counted as a parse failure")
+        samples = _samples(registry)
+        for resource in ("services", "endpointslices"):
+            assert samples[("vllm_svcdisc_informer_synced", (("resource", resource),))] == 1
+            assert samples[("vllm_svcdisc_informer_lists_total", (("resource", resource),))] == 1
+            assert samples[("vllm_svcdisc_informer_auth_error", (("resource", resource),))] == 0
+        assert samples[("vllm_svcdisc_services", ())] == 2
+        assert samples[("vllm_svcdisc_routable_services", ())] == 1
+        assert samples[("vllm_svcdisc_ready_pods", ())] == 3
+        assert samples[("vllm_svcdisc_model_probe_failures_total", ())] >= 1
+        assert samples[("vllm_svcdisc_scraped_pods", ())] == 2
+        assert samples[("vllm_svcdisc_healthy", ())] == 1
+        assert samples[("vllm_svcdisc_scrape_duration_seconds_count", ())] >= 3
+    finally:
+        scraper.close()
+
+
+def test_serve_metrics_exposes_the_registry_over_http(cluster, make_discovery) -> None:
+    discovery = make_discovery(cluster)
+    registry = CollectorRegistry()
+    register_metrics(discovery, registry=registry)
+    server, thread = serve_metrics(0, addr="127.0.0.1", registry=registry)
+    try:
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            body = reply.read().decode()
+        assert "vllm_svcdisc_informer_synced" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_cli_rejects_bad_arguments_with_exit_code_2() -> None:
+    assert cli.main(["watch", "--scrape-interval", "0"]) == cli.EXIT_USAGE
+    assert cli.main(["no-such-command"]) == cli.EXIT_USAGE
+
+
+def test_cli_watch_without_any_kube_config_exits_1(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    missing = tmp_path / "no-such-kubeconfig"
+    assert cli.main(["watch", "--kubeconfig", str(missing), "--once"]) == cli.EXIT_NO_SYNC
+    assert "no Kubernetes configuration" in capsys.readouterr().err
+
+
+def test_cli_table_and_json_rows_describe_each_service(cluster, make_discovery) -> None:
+    cluster.add_service("alpha", replicas=2, lora_adapters=["sql-lora"])
+    cluster.add_service("gamma", replicas=1, ready=False)
+    discovery = make_discovery(cluster)
+    wait_for(lambda: len(discovery.get_endpoint_info()) == 1, message="alpha routable")
+    rows = cli.service_rows(discovery, None)
+    assert [r["service"] for r in rows] == ["default/alpha", "default/gamma"]
+    alpha, gamma = rows
+    assert alpha["routable"] and alpha["ready"] == 2 and "sql-lora*" in alpha["models"]
+    assert not gamma["routable"] and "no ready endpoints" in gamma["reason"]
+    table = cli.render_table(rows)
+    assert table.splitlines()[0].split()[:3] == ["SERVICE", "READY", "MODELS"]
+    assert "no ready endpoints" in table
+    json.dumps(rows)  # JSON-ready
+
+
+def test_cli_demo_runs_its_churn_script_and_summarizes() -> None:
+    out = io.StringIO()
+    assert cli.main(["demo", "--quick"], stream=out) == cli.EXIT_OK
+    text = out.getvalue()
+    assert "rolling restart" in text and "== summary:" in text
+    assert text.count("SERVICE") >= 4

@@ -1,0 +1,144 @@
+"""Prometheus metrics about discovery itself (not the engines' own metrics).
+
+A custom collector reads the informers', the cache's and the scraper's counters when Prometheus
+scrapes, so nothing is instrumented on the hot paths and nothing can drift out of step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .discovery import K8sServiceDiscovery
+    from .scraper import EngineStatsScraper
+
+PREFIX = "vllm_svcdisc"
+
+
+class DiscoveryCollector(Collector):
+    """Exposes ``vllm_svcdisc_*`` metrics for one discovery (and optionally its scraper)."""
+
+    def __init__(self, discovery: K8sServiceDiscovery,
+                 scraper: EngineStatsScraper | None = None) -> None:
+        self._discovery = discovery
+        self._scraper = scraper
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected lazily; describing would require a full collect
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._informer_metrics()
+        yield from self._cache_metrics()
+        if self._scraper is not None:
+            yield from self._scrape_metrics(self._scraper)
+
+    def _informer_metrics(self) -> Iterator[Metric]:
+        now = time.monotonic()
+        synced = GaugeMetricFamily(f"{PREFIX}_informer_synced",
+                                   "1 once the informer applied its first LIST.",
+                                   labels=["resource"])
+        auth = GaugeMetricFamily(f"{PREFIX}_informer_auth_error",
+                                 "1 while list/watch is refused with 401/403.", labels=["resource"])
+        events = CounterMetricFamily(f"{PREFIX}_informer_events",
+                                     "Watch events received, by type.",
+                                     labels=["resource", "type"])
+        lists = CounterMetricFamily(f"{PREFIX}_informer_lists", "LIST calls that succeeded.",
+                                    labels=["resource"])
+        relists = CounterMetricFamily(f"{PREFIX}_informer_relists",
+                                      "Failed list/watch cycles that led to a retry, by cause.",
+                                      labels=["resource", "cause"])
+        watches = CounterMetricFamily(f"{PREFIX}_informer_watches",
+                                      "WATCH requests opened (restarts included).",
+                                      labels=["resource"])
+        malformed = CounterMetricFamily(f"{PREFIX}_informer_malformed_events",
+                                        "Events or objects skipped as malformed.",
+                                        labels=["resource"])
+        since_event = GaugeMetricFamily(f"{PREFIX}_informer_seconds_since_last_event",
+                                        "Seconds since the last watch event (any type).",
+                                        labels=["resource"])
+        since_bookmark = GaugeMetricFamily(f"{PREFIX}_informer_seconds_since_last_bookmark",
+                                           "Seconds since the last BOOKMARK event.",
+                                           labels=["resource"])
+        for status in self._discovery.informer_status():
+            resource = status.resource
+            synced.add_metric([resource], float(status.synced))
+            auth.add_metric([resource], float(status.auth_error is not None))
+            for event_type, count in sorted(status.events_by_type.items()):
+                events.add_metric([resource, event_type], count)
+            lists.add_metric([resource], status.lists)
+            for cause, count in sorted(status.relists_by_cause.items()):
+                relists.add_metric([resource, cause], count)
+            watches.add_metric([resource], status.watches)
+            malformed.add_metric([resource], status.malformed_events)
+            if status.last_event_time is not None:
+                since_event.add_metric([resource], now - status.last_event_time)
+            if status.last_bookmark_time is not None:
+                since_bookmark.add_metric([resource], now - status.last_bookmark_time)
+        yield from (synced, auth, events, lists, relists, watches, malformed, since_event,
+                    since_bookmark)
+
+    def _cache_metrics(self) -> Iterator[Metric]:
+        snapshot = self._discovery.get_snapshot()
+        views = snapshot.services.values()
+        yield _gauge("services", "Services matching the selector.", len(snapshot.services))
+        yield _gauge("routable_services", "Services with ready pods and known models.",
+                     len(snapshot.endpoint_infos))
+        yield _gauge("ready_pods", "Ready, non-terminating endpoints behind selected Services.",
+                     sum(len(v.ready_pods) for v in views))
+        probes, failures = self._discovery.probe_counts()
+        yield CounterMetricFamily(f"{PREFIX}_model_probes", "Model probes (/v1/models) done.",
+                                  value=probes)
+        yield CounterMetricFamily(f"{PREFIX}_model_probe_failures", "Model probes that failed.",
+                                  value=failures)
+        health = GaugeMetricFamily(f"{PREFIX}_healthy", "1 when get_health() is true.")
+        health.add_metric([], float(self._discovery.get_health()))
+        yield health
+
+    def _scrape_metrics(self, scraper: EngineStatsScraper) -> Iterator[Metric]:
+        telemetry: Any = scraper.telemetry()
+        histogram = HistogramMetricFamily(f"{PREFIX}_scrape_duration_seconds",
+                                          "Duration of one pod's /metrics scrape.")
+        histogram.add_metric([], telemetry.buckets(), telemetry.duration_sum)
+        yield histogram
+        failures = CounterMetricFamily(f"{PREFIX}_scrape_failures",
+                                       "Pod scrapes that failed, by cause.", labels=["cause"])
+        for cause, count in sorted(telemetry.failures_by_cause.items()):
+            failures.add_metric([cause], count)
+        yield failures
+        stats = scraper.get_pod_engine_stats()
+        by_service = scraper.get_engine_stats() if getattr(
+            self._discovery, "routing", "service") == "service" else {}
+        yield _gauge("scraped_pods", "Pods with current stats.", len(stats))
+        yield _gauge("stale_pods", "Pods whose stats are kept from an earlier scrape.",
+                     sum(s.pods_stale for s in by_service.values()))
+        yield _gauge("oldest_sample_age_seconds", "Age of the oldest pod stats in use.",
+                     max((s.oldest_sample_age for s in stats.values()), default=0.0))
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+def register_metrics(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper | None = None,
+                     registry: CollectorRegistry = REGISTRY) -> DiscoveryCollector:
+    """Register the collector on ``registry`` (default: prometheus_client's global one)."""
+    collector = DiscoveryCollector(discovery, scraper)
+    registry.register(collector)
+    return collector
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0",
+                  registry: CollectorRegistry = REGISTRY) -> Any:
+    """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread."""
+    return start_http_server(port, addr=addr, registry=registry)
