@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run on the embedded simulated cluster (no cluster needed)")
     demo.add_argument("--quick", action="store_true", help="a shorter churn script")
-    _output_args(demo)
+    demo.add_argument("-o", "--output", choices=("table", "json"), default="table")
     return parser
 
 
@@ -220,16 +220,24 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
-    for name in ("scrape_interval", "refresh"):
+    for name in ("scrape_interval", "refresh", "sync_timeout"):
         if getattr(args, name, 1.0) <= 0:
             print(f"error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
             return EXIT_USAGE
+    port = getattr(args, "port", None)
+    bad_number = port is not None and port.isdigit() and not 0 < int(port) < 65536
+    if bad_number or (port is not None and not port.strip()):
+        print(f"error: --port {port!r} is not a port number or name", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = stream or sys.stdout
-    if args.command == "watch":
-        return cmd_watch(args, out)
-    return cmd_demo(args, out)
+    try:
+        if args.command == "watch":
+            return cmd_watch(args, out)
+        return cmd_demo(args, out)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,17 +19,23 @@ _discovery: K8sServiceDiscovery | None = None
 _scraper: EngineStatsScraper | None = None
 
 
-def initialize_service_discovery(*args: Any, **kwargs: Any) -> K8sServiceDiscovery:
-    """Create the process-wide discovery; the arguments are ``K8sServiceDiscovery``'s.
+def initialize_service_discovery(service_discovery_type: Any = "k8s",
+                                 **kwargs: Any) -> K8sServiceDiscovery:
+    """Create the process-wide discovery; keyword arguments are ``K8sServiceDiscovery``'s.
 
-    production-stack's extra ``k8s_service_discovery_type`` keyword is accepted and ignored.
+    Called the way production-stack calls its own: the first argument is its
+    ``ServiceDiscoveryType`` (only ``K8S`` is ours to serve) and its extra
+    ``k8s_service_discovery_type`` keyword is accepted and ignored.
     """
     global _discovery
+    kind = str(getattr(service_discovery_type, "value", service_discovery_type)).lower()
+    if kind != "k8s":
+        raise ValueError(f"vllm_router_svcdisc serves Kubernetes discovery, not {kind!r}")
     kwargs.pop("k8s_service_discovery_type", None)
     with _lock:
         if _discovery is not None:
             raise ValueError("service discovery already initialized")
-        _discovery = K8sServiceDiscovery(*args, **kwargs)
+        _discovery = K8sServiceDiscovery(**kwargs)
         return _discovery
 
 
@@ -39,10 +45,17 @@ def get_service_discovery() -> K8sServiceDiscovery:
     return _discovery
 
 
-def initialize_engine_stats_scraper(scrape_interval: float,
-                                    discovery: Any = None, **kwargs: Any) -> EngineStatsScraper:
-    """Create the process-wide scraper over ``discovery`` (default: the one initialized here)."""
+def initialize_engine_stats_scraper(scrape_interval: float, scrape_timeout: float | None = None,
+                                    *, discovery: Any = None,
+                                    **kwargs: Any) -> EngineStatsScraper:
+    """Create the process-wide scraper, called like production-stack's.
+
+    ``scrape_timeout`` is the per-request timeout (default 2 s, independent of the interval);
+    ``discovery`` defaults to the one initialized here.
+    """
     global _scraper
+    if scrape_timeout is not None:
+        kwargs["timeout"] = scrape_timeout
     with _lock:
         if _scraper is not None:
             raise ValueError("engine stats scraper already initialized")

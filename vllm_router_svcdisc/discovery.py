@@ -227,6 +227,18 @@ class K8sServiceDiscovery:
         """production-stack's health check: see :meth:`health` for the reasons."""
         return self.health().healthy
 
+    def add_sleep_label(self, pod_name: str) -> None:
+        """Accepted for production-stack's ``/sleep`` endpoint; nothing to do here.
+
+        Sleep is read from each engine's ``vllm:engine_sleep_state`` by the scraper
+        (``EngineStats.sleep``), so no pod label is written: discovery needs no patch rights.
+        """
+        log.debug("add_sleep_label(%s): sleep state comes from engine metrics", pod_name)
+
+    def remove_sleep_label(self, pod_name: str) -> None:
+        """See :meth:`add_sleep_label`."""
+        log.debug("remove_sleep_label(%s): sleep state comes from engine metrics", pod_name)
+
     def close(self) -> None:
         """Stop every thread this object started; returns within about 2 s."""
         if self._closed:

@@ -35,7 +35,8 @@ def describe_api_error(error: BaseException) -> str:
     if not isinstance(error, ApiError):
         return f"{error.__class__.__name__}: {_first_line(error)}"
     if error.status == 403:
-        return f"forbidden (403): {error.message} - grant list and watch (see deploy/rbac.yaml)"
+        return (f"forbidden (403): {error.message} - RBAC must grant list and watch "
+                "(see deploy/rbac.yaml)")
     if error.status == 401:
         return f"unauthorized (401): {error.message} - check the service account token"
     if error.status == 0:

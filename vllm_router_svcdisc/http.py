@@ -42,8 +42,9 @@ def fetch(
     budget = timeout if isinstance(timeout, int | float) else sum(timeout)
     deadline = time.monotonic() + budget
     try:
-        response = session.get(url, headers=dict(headers or {}), timeout=timeout,
-                               allow_redirects=False, stream=True)
+        # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
+        response = session.get(url, headers={"Accept-Encoding": "identity", **(headers or {})},
+                               timeout=timeout, allow_redirects=False, stream=True)
     except requests.exceptions.ConnectionError as exc:
         reason = _connection_reason(exc)
         cause = "dns" if reason.startswith("DNS") else "connection"
@@ -64,8 +65,11 @@ def fetch(
                                  transient=False, cause="oversize")
         chunks: list[bytes] = []
         size = 0
+        # read1 returns whatever one socket read brings, so the deadline is checked between
+        # trickled bytes too (iter_content would wait for a full chunk).
+        read = getattr(response.raw, "read1", None) or response.raw.read
         try:
-            for chunk in response.iter_content(65536):
+            while chunk := read(65536, decode_content=True):
                 size += len(chunk)
                 if size > max_bytes:
                     raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",
@@ -74,9 +78,11 @@ def fetch(
                 if time.monotonic() > deadline:
                     raise HttpFetchError("timed out reading the body", transient=False,
                                          cause="timeout")
-        except requests.exceptions.RequestException as exc:
+        except HttpFetchError:
+            raise
+        except Exception as exc:  # urllib3 and socket errors of a broken body
             raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
-                                 transient=False) from None
+                                 transient=False, cause="connection") from None
         return response.status_code, b"".join(chunks)
 
 

@@ -56,6 +56,7 @@ class ModelInfo:
             "owned_by": self.owned_by,
             "root": self.root,
             "parent": self.parent,
+            "is_adapter": self.is_adapter,
             **self.extra_fields,
         }
 

@@ -9,6 +9,7 @@ holds the new state (watchers see it as fast as their streams deliver).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import os
@@ -17,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from .apiserver import FakeApiServer
 from .dns import ServiceDNS, ServiceProxy
@@ -40,6 +41,22 @@ _counter_lock = threading.Lock()
 #: ``factory(ip, port, model=..., **engine_options)`` -> an unstarted engine; the cluster calls
 #: ``start()`` (which returns the engine) and ``stop()`` and reads ``ip``/``port``.
 EngineFactory = Callable[..., FakeEngine]
+
+
+_T = TypeVar("_T")
+
+
+def _on_free_ip(net: ipaddress.IPv4Network | ipaddress.IPv6Network, counter: Any,
+                start: Callable[[str], _T]) -> _T:
+    """``start(ip)`` on the next address; one taken by another process is skipped."""
+    for _ in range(64):
+        ip = _next_ip(net, counter)
+        try:
+            return start(ip)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free address found in {net}")
 
 
 def _next_ip(net: ipaddress.IPv4Network | ipaddress.IPv6Network, counter: Any) -> str:
@@ -179,19 +196,19 @@ class SimCluster:
                 raise ValueError(f"service {namespace}/{name} exists")
             service = SimService(
                 name=name, namespace=namespace, labels=dict(labels or {"app": "vllm"}),
-                port=port, port_name=port_name, headless=headless,
-                cluster_ip=None if headless else _next_ip(_SERVICE_NET, _service_counter),
+                port=port, port_name=port_name, headless=headless, cluster_ip=None,
                 model=model, engine_options=dict(engine_options),
             )
-            self._services[service.key] = service
-            if service.cluster_ip is not None:
+            if not headless:
                 backends = self._backends_of(service)
-                service.proxy = ServiceProxy(service.cluster_ip, port, backends).start()
-                ip = service.cluster_ip
-                self.dns.register(namespace, name, lambda: [ip])
+                service.proxy = _on_free_ip(_SERVICE_NET, _service_counter,
+                                            lambda ip: ServiceProxy(ip, port, backends).start())
+                service.cluster_ip = cluster_ip = service.proxy.ip
+                self.dns.register(namespace, name, lambda: [cluster_ip])
             else:
                 self.dns.register(namespace, name,
                                   lambda: [p.ip for p in service.ready_pods()])
+            self._services[service.key] = service
             self.api.put("services", self._service_object(service))
             for _ in range(replicas):
                 self._new_pod(service, ready=ready)
@@ -326,12 +343,11 @@ class SimCluster:
             self._sync_endpoints(service)
 
     def _new_pod(self, service: SimService, *, ready: bool) -> SimPod:
-        ip = _next_ip(_POD_NET, _pod_counter)
         name = f"{service.name}-{service.next_pod}-{uuid.uuid4().hex[:5]}"
         service.next_pod += 1
-        engine = self._engine_factory(ip, self.engine_port, model=service.model,
-                                      **service.engine_options).start()
-        pod = SimPod(name=name, namespace=service.namespace, service=service.name, ip=ip,
+        engine = _on_free_ip(_POD_NET, _pod_counter, lambda ip: self._engine_factory(
+            ip, self.engine_port, model=service.model, **service.engine_options).start())
+        pod = SimPod(name=name, namespace=service.namespace, service=service.name, ip=engine.ip,
                      engine=engine, ready=ready)
         service.pods[name] = pod
         self.api.put("pods", self._pod_object(pod))

@@ -1,0 +1,231 @@
+"""Helpers of the churn benchmark: load generator, reflection timing, statistics, RSS."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import requests
+
+_START = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One line per step on stderr."""
+    sys.stderr.write(f"[{time.monotonic() - _START:7.1f}s] {message}\n")
+    sys.stderr.flush()
+
+
+def summarize(values: Sequence[float], scale: float = 1.0) -> dict[str, Any]:
+    """count / p50 / p99 / max of ``values`` (multiplied by ``scale``), None when empty."""
+    if not values:
+        return {"count": 0, "p50": None, "p99": None, "max": None}
+    ordered = sorted(v * scale for v in values)
+
+    def pick(q: float) -> float:
+        index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+        return round(ordered[index], 3)
+
+    return {"count": len(ordered), "p50": pick(0.5), "p99": pick(0.99),
+            "max": round(ordered[-1], 3)}
+
+
+def rss_mb() -> float:
+    """Current resident set size (VmRSS) of this process in MiB."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def api_delta(before: dict[tuple[str, str], int],
+              after: dict[tuple[str, str], int]) -> dict[str, int]:
+    """``request_counts()`` difference as ``{"verb resource": n}`` (non-zero entries)."""
+    keys = sorted(set(before) | set(after))
+    delta = {f"{v} {r}": after.get((v, r), 0) - before.get((v, r), 0) for v, r in keys}
+    return {k: n for k, n in delta.items() if n}
+
+
+class ChangeClock:
+    """When the fake API server last stored a change, per resource (``time.monotonic()``).
+
+    Wraps ``put``/``delete`` of one :class:`FakeApiServer` instance (nothing in the library
+    changes), so a reflection latency starts when the EndpointSlice changed, not when the
+    simulated cluster began its own bookkeeping (stopping an engine can take 50-100 ms).
+    """
+
+    def __init__(self, api: Any) -> None:
+        self.last: dict[str, float] = {}
+        put, delete = api.put, api.delete
+
+        def timed_put(resource: str, obj: Any) -> Any:
+            self.last[resource] = time.monotonic()
+            return put(resource, obj)
+
+        def timed_delete(resource: str, namespace: str, name: str) -> Any:
+            self.last[resource] = time.monotonic()
+            return delete(resource, namespace, name)
+
+        api.put, api.delete = timed_put, timed_delete
+
+    def slices(self) -> float:
+        return self.last.get("endpointslices", 0.0)
+
+
+def wait_reflected(discovery: Any, predicate: Callable[[Any], bool], clock: ChangeClock,
+                   timeout: float = 10.0) -> float | None:
+    """Seconds from the last EndpointSlice change to the publish of the first snapshot showing it.
+
+    Polls ``discovery.get_snapshot()`` every millisecond; the figure is the snapshot's own
+    ``published_at`` (``time.monotonic()``) minus the change time, so polling adds no error.
+    None when not seen within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snapshot = discovery.get_snapshot()
+        if predicate(snapshot):
+            return max(0.0, snapshot.published_at - clock.slices())
+        time.sleep(0.001)
+    return None
+
+
+def routable_ips(snapshot: Any, key: str) -> set[str]:
+    """IPs of the pods the Service's published view routes to (empty when not routable)."""
+    view = snapshot.services.get(key)
+    if view is None or view.endpoint_info is None:
+        return set()
+    return {p.ip for p in view.pods if p.routable}
+
+
+def listed_ips(snapshot: Any, key: str) -> set[str]:
+    """IPs of every endpoint (ready or not) the Service's view holds."""
+    view = snapshot.services.get(key)
+    return set() if view is None else {p.ip for p in view.pods}
+
+
+def classify(exc: BaseException) -> str:
+    """The failure cause of a client request, in the words of the report."""
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "timeout"
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if "refused" in text:
+            return "conn_refused"
+        if ("reset" in text or "aborted" in text or "RemoteDisconnected" in text
+                or "Broken pipe" in text):
+            return "conn_reset"
+        if "resolve" in text or "Name or service" in text:
+            return "dns"
+        return "conn_other"
+    return f"error_{exc.__class__.__name__}"
+
+
+class LoadGenerator:
+    """``clients`` threads sending ``POST /v1/completions`` to ``get_endpoint_info()`` URLs.
+
+    Each request reads the endpoint list afresh and takes the next entry round-robin, as a
+    router would; keep-alive sessions (one per thread, like a router's client pool).  The total
+    rate is bounded by ``rate`` requests/s; the run by ``stop()`` and by ``max_seconds``.
+    """
+
+    def __init__(self, discovery: Any, *, clients: int = 4, rate: float = 100.0,
+                 timeout: float = 2.0, max_seconds: float = 600.0,
+                 keepalive: bool = True) -> None:
+        self.discovery = discovery
+        self.headers = {} if keepalive else {"Connection": "close"}
+        self.clients = clients
+        self.interval = clients / rate
+        self.timeout = timeout
+        self.max_seconds = max_seconds
+        self.sent = 0
+        self.ok = 0
+        self.failed: dict[str, int] = {}
+        self.latencies: list[float] = []
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name=f"bench-client-{i}",
+                                          daemon=True) for i in range(clients)]
+
+    def start(self) -> LoadGenerator:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout + 2.0)
+
+    def result(self) -> dict[str, Any]:
+        with self._lock:
+            failed = dict(sorted(self.failed.items()))
+            latencies = list(self.latencies)
+            return {"sent": self.sent, "ok": self.ok, "failed": sum(failed.values()),
+                    "failed_by_cause": failed,
+                    "latency_ms": summarize(latencies, 1000.0)}
+
+    def _record(self, cause: str | None, latency: float | None = None) -> None:
+        with self._lock:
+            self.sent += 1
+            if cause is None:
+                self.ok += 1
+                if latency is not None:
+                    self.latencies.append(latency)
+            else:
+                self.failed[cause] = self.failed.get(cause, 0) + 1
+
+    def _run(self) -> None:
+        session = requests.Session()
+        session.trust_env = False
+        deadline = time.monotonic() + self.max_seconds
+        next_send = time.monotonic()
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                delay = next_send - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+                next_send = max(next_send + self.interval, time.monotonic() - self.interval)
+                endpoints = self.discovery.get_endpoint_info()
+                if not endpoints:
+                    self._record("no_endpoint")
+                    continue
+                endpoint = endpoints[next(self._turn) % len(endpoints)]
+                started = time.monotonic()
+                try:
+                    body = {"model": endpoint.model_names[0], "prompt": "hi", "max_tokens": 2}
+                    reply = session.post(f"{endpoint.url}/v1/completions", timeout=self.timeout,
+                                         headers=self.headers, json=body)
+                    reply.content  # noqa: B018 - read the body
+                except requests.RequestException as exc:
+                    self._record(classify(exc))
+                    continue
+                if reply.status_code == 200:
+                    self._record(None, time.monotonic() - started)
+                else:
+                    self._record(f"http_{reply.status_code}")
+        finally:
+            session.close()
+
+
+def time_per_call(func: Callable[[], Any], *, batches: int, per_batch: int) -> float:
+    """Median nanoseconds per call of ``func`` over ``batches`` batches of ``per_batch`` calls."""
+    samples = []
+    calls = range(per_batch)
+    for _ in range(batches):
+        start = time.perf_counter_ns()
+        for _ in calls:
+            func()
+        samples.append((time.perf_counter_ns() - start) / per_batch)
+    return round(statistics.median(samples), 1)

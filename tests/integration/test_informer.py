@@ -1,0 +1,335 @@
+"""The Informer against the fake API server, through the real ``kubernetes`` client functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiClient, Configuration, CoreV1Api
+
+from tests.conftest import FAST_INFORMER, wait_for
+from vllm_router_svcdisc.informer import ADDED, DELETED, MODIFIED, Change, Informer, InformerConfig
+from vllm_router_svcdisc.sim.cluster import SimCluster
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A change handler that mirrors what the informer delivered into a dict, thread-safely."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.state: dict[str, dict[str, Any]] = {}
+        self.changes: list[Change] = []
+        self.batches = 0
+
+    def __call__(self, changes: Sequence[Change]) -> None:
+        with self._lock:
+            self.batches += 1
+            for change in changes:
+                self.changes.append(change)
+                if change.type == DELETED:
+                    self.state.pop(change.key, None)
+                else:
+                    self.state[change.key] = change.obj
+
+    def keys(self) -> set[str]:
+        with self._lock:
+            return set(self.state)
+
+    def types_for(self, key: str) -> list[str]:
+        with self._lock:
+            return [c.type for c in self.changes if c.key == key]
+
+
+def service(name: str, namespace: str = "default", **labels: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": "vllm"}},
+        "spec": {"ports": [{"name": "http", "port": 80}]},
+    }
+
+
+def truth(cluster: SimCluster, namespace: str = "default") -> set[str]:
+    """The keys of the Services the API server holds (what the informer must converge to)."""
+    return {f"{namespace}/{s['metadata']['name']}"
+            for s in cluster.api.list("services", namespace)}
+
+
+def counts(cluster: SimCluster, verb: str, resource: str = "services") -> int:
+    return cluster.api.request_counts().get((verb, resource), 0)
+
+
+def converged(recorder: Recorder, cluster: SimCluster) -> Callable[[], bool]:
+    return lambda: recorder.keys() == truth(cluster)
+
+
+def mismatch(recorder: Recorder, cluster: SimCluster) -> Callable[[], str]:
+    return lambda: f"informer has {sorted(recorder.keys())}, server has {sorted(truth(cluster))}"
+
+
+@pytest.fixture
+def start_informer(cluster: SimCluster) -> Iterator[Callable[..., tuple[Informer, Recorder]]]:
+    """Start an Informer on the default namespace's Services; stopped at teardown."""
+    started: list[Informer] = []
+
+    def start(
+        handler: Callable[[Sequence[Change]], None] | None = None,
+        *,
+        config: InformerConfig = FAST_INFORMER,
+        label_selector: str | None = None,
+        wait_sync: bool = True,
+        api_client: Any = None,
+    ) -> tuple[Informer, Recorder]:
+        recorder = Recorder()
+        list_func = functools.partial(
+            CoreV1Api(api_client or cluster.api_client()).list_namespaced_service, "default")
+        informer = Informer("services", list_func, handler or recorder,
+                            label_selector=label_selector, config=config)
+        started.append(informer)
+        informer.start()
+        if wait_sync:
+            assert informer.wait_until_synced(5), informer.status()
+            assert cluster.api.wait_for_watches(1, "services", timeout=5)
+        return informer, recorder
+
+    yield start
+    for informer in started:
+        assert informer.stop(2.0), f"informer {informer.resource} did not stop"
+
+
+# --- LIST then WATCH ---------------------------------------------------------------------------
+
+
+def test_list_then_watch_delivers_add_modify_delete(cluster, start_informer):
+    cluster.api.put("services", service("a"))
+    informer, recorder = start_informer()
+    assert recorder.keys() == {"default/a"}
+    assert recorder.types_for("default/a") == [ADDED]
+
+    cluster.api.put("services", service("b"))
+    wait_for(lambda: recorder.keys() == {"default/a", "default/b"}, 5,
+             mismatch(recorder, cluster))
+    cluster.api.put("services", service("a", app="vllm", tier="gold"))
+    wait_for(lambda: recorder.types_for("default/a") == [ADDED, MODIFIED], 5,
+             lambda: f"changes of a: {recorder.types_for('default/a')}")
+    assert recorder.state["default/a"]["metadata"]["labels"]["tier"] == "gold"
+    cluster.api.delete("services", "default", "b")
+    wait_for(lambda: recorder.keys() == {"default/a"}, 5, mismatch(recorder, cluster))
+
+    assert recorder.types_for("default/b") == [ADDED, DELETED]
+    assert recorder.keys() == truth(cluster)
+    status = informer.status()
+    assert status.synced and status.alive
+    assert status.lists == 1
+    assert status.events_by_type.get(ADDED) == 1
+    assert status.events_by_type.get(MODIFIED) == 1
+    assert status.events_by_type.get(DELETED) == 1
+
+
+def test_label_selector_is_sent_to_the_server(cluster, start_informer):
+    cluster.api.put("services", service("mine"))
+    cluster.api.put("services", service("theirs", app="other"))
+    _informer, recorder = start_informer(label_selector="app=vllm")
+    assert recorder.keys() == {"default/mine"}
+
+    cluster.api.put("services", service("theirs", app="vllm"))  # starts matching: ADDED
+    wait_for(lambda: recorder.keys() == {"default/mine", "default/theirs"}, 5,
+             lambda: f"got {sorted(recorder.keys())}")
+    cluster.api.put("services", service("mine", app="other"))  # stops matching: DELETED
+    wait_for(lambda: recorder.keys() == {"default/theirs"}, 5,
+             lambda: f"got {sorted(recorder.keys())}")
+
+
+def test_watch_ending_normally_is_reopened_without_relist(cluster, start_informer):
+    config = dataclasses.replace(FAST_INFORMER, watch_timeout_range=(1, 2))  # server ends it
+    cluster.api.put("services", service("a"))
+    informer, recorder = start_informer(config=config)
+
+    wait_for(lambda: counts(cluster, "watch") >= 3, 8,
+             lambda: f"watch requests: {cluster.api.request_counts()}")
+    cluster.api.put("services", service("b"))
+    wait_for(converged(recorder, cluster), 5, mismatch(recorder, cluster))
+
+    assert counts(cluster, "list") == 1
+    status = informer.status()
+    assert status.lists == 1
+    assert status.relists_by_cause == {}
+    assert status.last_error is None
+    assert recorder.types_for("default/a") == [ADDED]  # the reopen replayed nothing
+
+
+def test_bookmarks_advance_the_resource_version_without_events(cluster, start_informer):
+    cluster.api.put("services", service("a"))
+    informer, recorder = start_informer()
+    batches_after_list = recorder.batches
+
+    # Changes to another resource move the server's RV; only bookmarks tell the informer.
+    for i in range(3):
+        cluster.api.put("pods", {"metadata": {"name": f"p{i}", "namespace": "default"}})
+    target_rv = cluster.api.resource_version
+    bookmarks = informer.status().events_by_type.get("BOOKMARK", 0)
+    wait_for(lambda: informer.status().events_by_type.get("BOOKMARK", 0) >= bookmarks + 2, 5,
+             "no bookmarks arrived")
+
+    assert recorder.batches == batches_after_list  # a bookmark is not a change
+    # If the informer's RV advanced to the bookmark's, a watch reopened after compaction
+    # is accepted; with the stale list RV it would get 410 and have to re-LIST.
+    assert cluster.api.resource_version == target_rv
+    cluster.api.compact()
+    watches = counts(cluster, "watch")
+    cluster.api.cut_watches()
+    wait_for(lambda: counts(cluster, "watch") > watches
+             and cluster.api.open_watch_count("services") == 1, 5, "watch not reopened")
+    cluster.api.put("services", service("b"))
+    wait_for(converged(recorder, cluster), 5, mismatch(recorder, cluster))
+
+    status = informer.status()
+    assert status.lists == 1, status
+    assert "expired" not in status.relists_by_cause
+    assert counts(cluster, "list") == 1
+
+
+def test_expired_resource_version_relists_and_delivers_missed_delete(cluster, start_informer):
+    for name in ("a", "b", "c"):
+        cluster.api.put("services", service(name))
+    informer, recorder = start_informer()
+    assert recorder.keys() == {"default/a", "default/b", "default/c"}
+
+    # Disconnect the watch and keep it disconnected while b is deleted and history compacted.
+    cluster.api.fail_for(60, 503, verb="watch", resource="services")
+    cluster.api.cut_watches()
+    wait_for(lambda: cluster.api.open_watch_count("services") == 0, 5, "watch still open")
+    cluster.api.delete("services", "default", "b")
+    cluster.api.put("services", service("d"))
+    cluster.api.compact()
+    cluster.api.clear_faults()
+
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    assert recorder.keys() == {"default/a", "default/c", "default/d"}
+    assert recorder.types_for("default/b") == [ADDED, DELETED]
+    wait_for(lambda: informer.status().lists == 2, 5, "no re-LIST")
+    status = informer.status()
+    assert status.relists_by_cause.get("expired", 0) >= 1, status
+    assert counts(cluster, "list") == 2
+    # Unchanged objects are not re-delivered by the re-LIST (their RV did not move).
+    assert recorder.types_for("default/a") == [ADDED]
+
+
+def test_forbidden_sets_auth_error_until_the_fault_ends(cluster, start_informer):
+    cluster.api.put("services", service("a"))
+    cluster.api.fail_for(60, 403, resource="services")
+    informer, recorder = start_informer(wait_sync=False)
+
+    wait_for(lambda: informer.status().auth_error, 5, "auth_error never set")
+    status = informer.status()
+    assert "403" in status.auth_error and "forbidden" in status.auth_error.lower()
+    assert status.alive and not status.synced
+    assert recorder.keys() == set()
+
+    cluster.api.clear_faults()
+    wait_for(informer.has_synced, 5, lambda: f"never synced: {informer.status()}")
+    wait_for(lambda: informer.status().auth_error is None, 5, "auth_error not cleared")
+    assert informer.status().last_error is None
+    assert recorder.keys() == {"default/a"}
+
+
+def no_retry_client(cluster: SimCluster) -> ApiClient:
+    """An ApiClient whose urllib3 pool does not retry by itself (it honours Retry-After too)."""
+    configuration = Configuration()
+    configuration.host = cluster.api.url
+    configuration.retries = 0
+    return ApiClient(configuration)
+
+
+def assert_list_retried_after_retry_after(cluster: SimCluster, informer: Informer,
+                                          recorder: Recorder, failed_lists: int) -> None:
+    wait_for(lambda: counts(cluster, "list") >= failed_lists, 5, "no LIST request")
+    last_refused = time.monotonic()
+    wait_for(lambda: counts(cluster, "list") > failed_lists, 8, "LIST never retried")
+    retried_after = time.monotonic() - last_refused
+    # Without Retry-After the fast backoff would retry within ~0.1 s.
+    assert retried_after >= 0.9, f"retried after {retried_after:.2f}s, Retry-After was 1s"
+    wait_for(informer.has_synced, 5, "never synced")
+    assert recorder.keys() == {"default/a"}
+    assert counts(cluster, "list") == failed_lists + 1
+
+
+def test_too_many_requests_honours_retry_after(cluster, start_informer):
+    """The informer's own backoff waits Retry-After (urllib3 retries disabled)."""
+    cluster.api.put("services", service("a"))
+    cluster.api.fail_next(1, 429, retry_after=1, verb="list", resource="services")
+    informer, recorder = start_informer(wait_sync=False, api_client=no_retry_client(cluster))
+    assert_list_retried_after_retry_after(cluster, informer, recorder, failed_lists=1)
+    assert informer.status().relists_by_cause.get("error") == 1
+
+
+def test_too_many_requests_with_the_default_client_also_waits(cluster, start_informer):
+    """With a stock ApiClient urllib3 may retry first; either way nothing comes early."""
+    cluster.api.put("services", service("a"))
+    cluster.api.fail_next(1, 429, retry_after=1, verb="list", resource="services")
+    informer, recorder = start_informer(wait_sync=False)
+    assert_list_retried_after_retry_after(cluster, informer, recorder, failed_lists=1)
+
+
+def test_malformed_watch_lines_are_skipped_and_counted(cluster, start_informer):
+    cluster.api.put("services", service("a"))
+    informer, recorder = start_informer()
+
+    cluster.api.inject_raw_line(b"{this is not json", resource="services")
+    cluster.api.inject_raw_line(b'{"type": "ADDED", "object": "not an object"}',
+                                resource="services")
+    cluster.api.inject_raw_line(b'{"type": "ADDED", "object": {"metadata": {}}}',
+                                resource="services")
+    cluster.api.put("services", service("b"))
+    wait_for(converged(recorder, cluster), 5, mismatch(recorder, cluster))
+
+    status = informer.status()
+    assert status.malformed_events == 3
+    assert status.alive
+    assert status.lists == 1  # skipping a line does not break the stream
+    assert recorder.keys() == {"default/a", "default/b"}
+
+
+def test_stop_returns_quickly_while_blocked_in_a_watch_read(cluster, start_informer):
+    config = dataclasses.replace(FAST_INFORMER, watch_timeout_range=(300, 301),
+                                 read_timeout_slack=30)
+    informer, _recorder = start_informer(config=config)
+    assert cluster.api.open_watch_count("services") == 1
+
+    started = time.monotonic()
+    stopped = informer.stop(2.0)
+    elapsed = time.monotonic() - started
+
+    assert stopped, "thread still alive after stop()"
+    assert elapsed < 2.0, f"stop() took {elapsed:.2f}s"
+    assert not informer.status().alive
+    wait_for(lambda: cluster.api.open_watch_count("services") == 0, 5,
+             "the watch connection was left open")
+
+
+def test_a_raising_handler_does_not_kill_the_thread(cluster, start_informer):
+    delivered = Recorder()
+
+    def handler(changes: Sequence[Change]) -> None:
+        if any(c.key == "default/boom" for c in changes):
+            raise RuntimeError("handler bug")
+        delivered(changes)
+
+    cluster.api.put("services", service("a"))
+    informer, _ = start_informer(handler)
+    assert delivered.keys() == {"default/a"}
+
+    cluster.api.put("services", service("boom"))
+    cluster.api.put("services", service("after"))
+    wait_for(lambda: delivered.keys() == {"default/a", "default/after"}, 5,
+             lambda: f"delivered {sorted(delivered.keys())}")
+
+    status = informer.status()
+    assert status.alive
+    assert status.last_error is None
+    assert status.lists == 1

@@ -1,0 +1,35 @@
+"""The churn benchmark keeps working: ``benchmarks/churn.py --quick`` with tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_churn_quick_runs_and_writes_results(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "churn.py"), "--quick",
+           "--sizes", "3", "--duration", "2", "--scrape-pods", "20", "--scrape-window", "1",
+           "--scrape-warmup", "1", "--flips", "4", "--quiet", "0.5", "--batches", "5",
+           "--farm-port", "0", "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "churn.json").read_text())
+    assert {"meta", "churn", "micro", "scrape", "targets"} <= results.keys()
+    assert set(results["churn"]) == {"rolling", "crash", "scale", "api_trouble"}
+    for modes in results["churn"].values():
+        assert set(modes) == {"service", "pod"}
+        for run_result in modes.values():
+            assert {"sent", "failed", "failed_by_cause", "reflect_ms",
+                    "api_requests"} <= run_result.keys()
+    micro = results["micro"]["3"]
+    assert {"sync_s", "all_routable_s", "rss_after_sync_mb", "read_ns", "flip_ms",
+            "steady"} <= micro.keys()
+    assert {"concurrent", "sequential"} <= results["scrape"].keys()
+    assert all({"target", "goal", "measured", "met"} <= row.keys()
+               for row in results["targets"])
+    markdown = (tmp_path / "churn.md").read_text()
+    assert "| target | goal | measured | met |" in markdown

@@ -1,0 +1,111 @@
+"""http.fetch against hostile engines: trickled bodies, redirects, oversize bodies."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+
+from vllm_router_svcdisc.http import HttpFetchError, fetch, pooled_session
+
+Respond = Callable[[socket.socket], None]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Respond], str]]:
+    """``serve(respond)`` → a URL whose one connection is answered by ``respond(sock)``."""
+    listeners: list[socket.socket] = []
+    stop = threading.Event()
+
+    def start(respond: Respond) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def run() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                with contextlib.suppress(OSError):
+                    respond(conn)
+                stop.wait(5)
+
+        threading.Thread(target=run, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    stop.set()
+    for listener in listeners:
+        listener.close()
+
+
+def _trickle(head: bytes, body: bytes, pause: float) -> Respond:
+    def respond(conn: socket.socket) -> None:
+        conn.sendall(head)
+        for byte in body:
+            conn.sendall(bytes([byte]))
+            time.sleep(pause)  # the hostile engine's pacing, not a test wait
+
+    return respond
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_trickled_body_is_cut_off_at_the_timeout(serve, framing: str) -> None:
+    body = b"x" * 40
+    if framing == "content-length":
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n"
+        respond = _trickle(head, body, 0.1)
+    else:
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunked = b"".join(b"1\r\n" + bytes([b]) + b"\r\n" for b in body) + b"0\r\n\r\n"
+        respond = _trickle(head, chunked, 0.02)
+    url = serve(respond)
+    session = pooled_session(1)
+    started = time.monotonic()
+    with pytest.raises(HttpFetchError) as error:
+        fetch(session, url, timeout=0.5, max_bytes=1024)
+    assert error.value.cause == "timeout"
+    assert time.monotonic() - started < 2.0  # the body deadline, not 40 x 0.1 s
+
+
+def test_redirects_are_refused_not_followed(serve) -> None:
+    url = serve(lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://10.0.0.1/\r\n"
+                                    b"Content-Length: 0\r\n\r\n"))
+    with pytest.raises(HttpFetchError) as error:
+        fetch(requests.Session(), url, timeout=2, max_bytes=1024)
+    assert error.value.cause == "redirect"
+
+
+def test_a_declared_oversize_body_is_refused_unread(serve) -> None:
+    url = serve(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n"))
+    with pytest.raises(HttpFetchError) as error:
+        fetch(requests.Session(), url, timeout=2, max_bytes=1024)
+    assert error.value.cause == "oversize"
+
+
+def test_an_undeclared_oversize_body_is_cut_at_the_cap(serve) -> None:
+    body = b"y" * 5000
+    chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    url = serve(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    + chunked))
+    with pytest.raises(HttpFetchError) as error:
+        fetch(requests.Session(), url, timeout=2, max_bytes=1024)
+    assert error.value.cause == "oversize"
+
+
+def test_a_normal_body_is_returned_whole(serve) -> None:
+    url = serve(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"))
+    assert fetch(requests.Session(), url, timeout=2, max_bytes=1024) == (200, b"hello")
+
+
+def test_connection_refused_is_transient_and_named() -> None:
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(HttpFetchError) as error:
+        fetch(requests.Session(), f"http://127.0.0.1:{port}", timeout=2, max_bytes=1024)
+    assert error.value.transient and error.value.cause == "connection"
