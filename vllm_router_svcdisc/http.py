@@ -98,15 +98,16 @@ def _connection_reason(exc: requests.exceptions.ConnectionError) -> str:
     return "connection failed"
 
 
-def pooled_session(pool_size: int) -> requests.Session:
-    """A Session with a connection pool as large as the worker pool using it.
+def pooled_session(pool_size: int, hosts: int | None = None) -> requests.Session:
+    """A Session whose pools fit the workers using it: ``pool_size`` connections per host,
+    kept for up to ``hosts`` hosts (default ``pool_size``) so keep-alive survives a cycle.
 
     ``trust_env`` is off: a proxy configured for the router's outbound traffic must not sit
     between it and in-cluster engines.
     """
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size,
-                                            max_retries=0)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=hosts or pool_size,
+                                            pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.trust_env = False

@@ -39,6 +39,8 @@ DELETED = "DELETED"
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 #: A LIST body larger than this is refused: it would mean a selector matching far too much.
 MAX_LIST_BYTES = 256 * 1024 * 1024
+#: A watch that breaks sooner than this without an event is a failure (backoff), not an end.
+MIN_HEALTHY_WATCH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -386,11 +388,22 @@ class Informer:
         with self._lock:
             self._status.watches += 1
         self._note_healthy()
+        opened = time.monotonic()
+        lines = 0
         try:
             for line in _iter_lines(response, MAX_EVENT_BYTES):
                 if self._stop.is_set():
                     return
+                lines += 1
                 self._handle_line(line)
+        except _StreamBroken:
+            # Like client-go: a stream that worked and then broke (connection reset, proxy or
+            # API server restart) is re-opened at once from the last RV; only a stream that
+            # breaks straight away counts as a failure and backs off.
+            if lines == 0 and time.monotonic() - opened < MIN_HEALTHY_WATCH_SECONDS:
+                raise
+            log.debug("%s: watch stream broke after %d events; re-watching", self.resource,
+                      lines)
         finally:
             _release(response)
             self._set_response(None)

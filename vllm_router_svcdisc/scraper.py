@@ -113,7 +113,10 @@ class EngineStatsScraper:
 
     ``timeout`` bounds each request (independent of ``scrape_interval``); ``stale_after`` is
     the TTL of a pod's last good stats (default three intervals, at least ``timeout`` plus one
-    interval); ``workers`` bounds concurrency.
+    interval); ``workers`` bounds concurrency, and pods whose last scrape failed may hold at
+    most a quarter of the workers, so black-holed engines cannot starve healthy ones;
+    ``keepalive_hosts`` is how many pods keep an idle connection between scrapes (one file
+    descriptor each).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class EngineStatsScraper:
         workers: int = 32,
         max_bytes: int = MAX_METRICS_BYTES,
         attempts: int = 2,
+        keepalive_hosts: int = 1024,
         session: requests.Session | None = None,
     ) -> None:
         if scrape_interval <= 0 or timeout <= 0 or workers < 1 or attempts < 1:
@@ -137,7 +141,8 @@ class EngineStatsScraper:
                                               self.timeout + self.scrape_interval)
         self.max_bytes = max_bytes
         self.attempts = attempts
-        self._session = session or pooled_session(workers)
+        self._session = session or pooled_session(2, hosts=keepalive_hosts)
+        self._failing_slots = max(1, workers // 4)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="svcdisc-scrape")
         self._lock = threading.Lock()
         self._readings: TTLCache[str, PodReading] = TTLCache(
@@ -246,15 +251,23 @@ class EngineStatsScraper:
                 del self._pods[url]
                 self._readings.pop(url, None)
             due = []
+            failing_slots = self._failing_slots - sum(
+                1 for s in self._pods.values() if s.in_flight and s.failures)
             for url, target in targets.items():
                 state = self._pods.get(url)
                 is_new = state is None
                 if state is None:
                     state = self._pods[url] = _PodState(target)
                 state.target = target
-                if (tick or is_new) and not state.in_flight and state.next_due <= now:
-                    state.in_flight = True
-                    due.append(state)
+                if not ((tick or is_new) and not state.in_flight and state.next_due <= now):
+                    continue
+                if state.failures:
+                    if failing_slots <= 0:
+                        continue  # stays due: retried when a failing slot is free
+                    failing_slots -= 1
+                state.in_flight = True
+                due.append(state)
+        due.sort(key=lambda s: s.failures > 0)  # healthy pods first in the queue
         for state in due:
             try:
                 self._pool.submit(self._scrape, state)

@@ -163,6 +163,23 @@ def test_watch_ending_normally_is_reopened_without_relist(cluster, start_informe
     assert recorder.types_for("default/a") == [ADDED]  # the reopen replayed nothing
 
 
+def test_a_watch_that_breaks_after_working_is_reopened_at_once_not_as_a_failure(
+        cluster, start_informer):
+    # A huge backoff: if the cut counted as a failure, the next change would not arrive
+    # within the test's deadline.
+    slow_backoff = dataclasses.replace(FAST_INFORMER, backoff_initial=60, backoff_cap=60)
+    informer, recorder = start_informer(config=slow_backoff)
+    cluster.api.put("services", service("before"))
+    wait_for(lambda: recorder.keys() == {"default/before"}, 5, mismatch(recorder, cluster))
+    # The stream delivered an event, so a cut now is an end, not an error.
+    cluster.api.cut_watches()
+    cluster.api.put("services", service("after"))
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    status = informer.status()
+    assert status.last_error is None and status.relists_by_cause == {}
+    assert status.lists == 1 and status.watches >= 2
+
+
 def test_bookmarks_advance_the_resource_version_without_events(cluster, start_informer):
     cluster.api.put("services", service("a"))
     informer, recorder = start_informer()

@@ -270,6 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "FakeKubeApiServer/1.0"
+    disable_nagle_algorithm = True  # watch events are small writes; no 40 ms delayed-ACK stalls
 
     @property
     def fake(self) -> FakeApiServer:
