@@ -296,9 +296,13 @@ class SimCluster:
             self._sync_endpoints(service)
 
     def terminate_pod(self, pod: SimPod) -> None:
-        """Graceful deletion begins: endpoint shows terminating, the engine keeps serving."""
+        """Graceful deletion begins: endpoint shows terminating, the engine keeps serving
+        in-flight and arriving requests but closes each connection after its response."""
         with self._lock:
             pod.terminating = True
+            drain = getattr(pod.engine, "drain", None)
+            if drain is not None:
+                drain()
             service = self.service(pod.service, pod.namespace)
             self.api.put("pods", self._pod_object(pod))
             self._sync_endpoints(service)

@@ -136,6 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in headers:
             self.send_header(key, value)
+        if self.server.engine.draining:
+            self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -305,6 +307,7 @@ class FakeEngine:
         self.waiting_lora_adapters: list[str] = []
         self.slow_delay = 2.0
         self.oversize_bytes = 50 * 1024 * 1024
+        self.draining = False
 
         self._lock = threading.RLock()
         self._mode = EngineMode.OK
@@ -344,6 +347,11 @@ class FakeEngine:
                     self._started = False
                     raise
         return self
+
+    def drain(self) -> None:
+        """SIGTERM, as uvicorn handles it: keep serving, but close each connection after its
+        response, so keep-alive clients reconnect (through kube-proxy) to a ready pod."""
+        self.draining = True
 
     def stop(self) -> None:
         with self._lock:

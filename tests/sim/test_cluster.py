@@ -1,0 +1,88 @@
+"""The cluster model keeps Services, Pods, EndpointSlices and Endpoints consistent."""
+
+from __future__ import annotations
+
+import threading
+
+import requests
+
+from tests.conftest import wait_for
+from vllm_router_svcdisc.sim.cluster import SimCluster
+
+
+def _slice_endpoints(cluster: SimCluster, name: str) -> dict[str, dict]:
+    found = {}
+    for item in cluster.api.list("endpointslices", "default"):
+        if item["metadata"]["labels"]["kubernetes.io/service-name"] == name:
+            for endpoint in item.get("endpoints") or []:
+                found[endpoint["addresses"][0]] = endpoint["conditions"]
+    return found
+
+
+def test_terminating_pod_shows_terminating_not_ready_then_goes(cluster: SimCluster) -> None:
+    cluster.add_service("alpha", replicas=2)
+    pod = cluster.pods("alpha")[0]
+    cluster.terminate_pod(pod)
+    assert _slice_endpoints(cluster, "alpha")[pod.ip] == {
+        "ready": False, "serving": True, "terminating": True}
+    endpoints = cluster.api.get("endpoints", "default", "alpha")
+    assert pod.ip in [a["ip"] for a in endpoints["subsets"][0]["notReadyAddresses"]]
+    cluster.finish_termination(pod)
+    assert pod.ip not in _slice_endpoints(cluster, "alpha")
+    assert cluster.api.get("pods", "default", pod.name) is None
+
+
+def test_endpoints_beyond_slice_capacity_spread_over_several_slices(cluster: SimCluster) -> None:
+    cluster.add_service("wide", replicas=0)
+    cluster.slice_capacity = 40  # the real controller's is 100; 40 keeps the test small
+    cluster.scale("wide", 90)
+    slices = [s for s in cluster.api.list("endpointslices", "default")
+              if s["metadata"]["labels"]["kubernetes.io/service-name"] == "wide"]
+    assert sorted(len(s["endpoints"]) for s in slices) == [10, 40, 40]
+    assert len(_slice_endpoints(cluster, "wide")) == 90
+
+
+def test_deleting_a_service_removes_its_slices_endpoints_and_pods(cluster: SimCluster) -> None:
+    cluster.add_service("gone", replicas=2)
+    cluster.delete_service("gone")
+    assert cluster.api.list("services", "default") == []
+    assert cluster.api.list("endpointslices", "default") == []
+    assert cluster.api.list("endpoints", "default") == []
+    assert cluster.api.list("pods", "default") == []
+
+
+def test_rolling_restart_through_the_service_name_loses_no_keepalive_request(
+        cluster: SimCluster) -> None:
+    """A terminating engine drains: each connection closes after its response (uvicorn's
+    SIGTERM behaviour), so keep-alive clients reconnect through the proxy to ready pods."""
+    cluster.add_service("alpha", replicas=2)
+    url = cluster.url_of("alpha") + "/v1/completions"
+    stop = threading.Event()
+    results = {"sent": 0, "failed": 0}
+
+    def client() -> None:
+        session = requests.Session()
+        for _ in range(100_000):
+            if stop.is_set():
+                break
+            results["sent"] += 1
+            try:
+                session.post(url, json={"prompt": "hi"}, timeout=5).raise_for_status()
+            except requests.RequestException:
+                results["failed"] += 1
+        session.close()
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        for _ in range(4):
+            old = next(p for p in cluster.pods("alpha") if not p.terminating)
+            cluster.terminate_pod(old)
+            cluster.add_pod("alpha")
+            before = results["sent"]
+            wait_for(lambda before=before: results["sent"] > before + 20, 10, "no traffic")
+            cluster.finish_termination(old)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert results["sent"] > 80 and results["failed"] == 0, results
