@@ -518,7 +518,7 @@ def test_garbage_models_answer_makes_service_unroutable_until_fixed(cluster, mak
 
     for pod in cluster.pods("vllm-b"):
         pod.engine.mode = EngineMode.GARBAGE
-    reason = wait_reason(discovery, "default/vllm-b", lambda r: "probe" in r)
+    reason = wait_reason(discovery, "default/vllm-b", lambda r: "probe failed" in r)
     assert "invalid JSON" in reason
     assert service_urls(discovery) == [cluster.url_of("vllm-a")]
 
@@ -535,7 +535,7 @@ def test_service_name_that_does_not_resolve_is_unroutable_naming_dns(cluster, ma
     discovery = make_discovery(cluster)
     wait_for(lambda: service_urls(discovery) == [cluster.url_of("vllm-a")], 10,
              lambda: state(discovery))
-    reason = wait_reason(discovery, "default/vllm-b", lambda r: "probe" in r)
+    reason = wait_reason(discovery, "default/vllm-b", lambda r: "probe failed" in r)
     assert "DNS" in reason, reason
 
 
@@ -545,7 +545,7 @@ def test_api_key_missing_then_given(cluster, make_discovery, monkeypatch, caplog
     cluster.add_service("vllm-a", api_key="s3cret")
 
     without_key = make_discovery(cluster)
-    reason = wait_reason(without_key, "default/vllm-a", lambda r: "probe" in r)
+    reason = wait_reason(without_key, "default/vllm-a", lambda r: "probe failed" in r)
     assert "VLLM_API_KEY" in reason and "401" in reason
     assert service_urls(without_key) == []
 
