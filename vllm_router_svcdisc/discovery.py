@@ -148,15 +148,15 @@ class K8sServiceDiscovery:
         else:
             list_services = functools.partial(core.list_namespaced_service, self.namespace)
         self._endpoint_source = _EndpointSource(self._api_client, self.namespace)
-        self._services = Informer("services", list_services, self._cache.apply_service_changes,
+        self._services = Informer("services", list_services, self._apply_service_changes,
                                   label_selector=self.label_selector, config=informer_config)
         self._endpoints = Informer("endpointslices", self._endpoint_source,
                                    self._apply_endpoint_changes, config=informer_config)
         self._closed = False
+        self._selector_matched: bool | None = None
         self._prober.start()
         self._services.start()
         self._endpoints.start()
-        self._logged_empty = False
 
     # -- the public, production-stack-shaped API ----------------------------------------------
 
@@ -262,6 +262,15 @@ class K8sServiceDiscovery:
                 f"label_selector={self.label_selector!r}, routing={self.routing!r})")
 
     # -- wiring ------------------------------------------------------------------------------
+
+    def _apply_service_changes(self, changes: Sequence[Change]) -> None:
+        self._cache.apply_service_changes(changes)
+        matched = bool(self._cache.snapshot.services)
+        if matched != self._selector_matched:  # one line per change of state, not per event
+            self._selector_matched = matched
+            if not matched:
+                log.info("no Service matches label selector %r in %s", self.label_selector,
+                         self.namespace or "all namespaces")
 
     def _apply_endpoint_changes(self, changes: Sequence[Change]) -> None:
         self._cache.apply_endpoint_changes(changes, legacy=self._endpoint_source.legacy)

@@ -151,6 +151,20 @@ def test_service_without_the_selected_label_is_ignored(cluster, make_discovery):
     assert "default/other" not in discovery.get_service_status()
 
 
+def test_selector_matching_nothing_is_empty_healthy_and_logged_once(cluster, make_discovery,
+                                                                     caplog):
+    caplog.set_level(logging.INFO, logger="vllm_router_svcdisc")
+    cluster.add_service("other", labels={"app": "something-else"})
+    discovery = make_discovery(cluster)
+    assert discovery.wait_until_synced(5)
+    assert discovery.get_endpoint_info() == [] and discovery.get_health()
+    cluster.add_service("still-other", labels={"app": "nope"})  # events that match nothing
+    cluster.api.cut_watches()
+    wait_for(lambda: cluster.api.open_watch_count("services") == 1, 5, "no re-watch")
+    lines = [r for r in caplog.records if "no Service matches" in r.getMessage()]
+    assert len(lines) == 1 and "app=vllm" in lines[0].getMessage()
+
+
 def test_service_in_another_namespace_is_ignored(cluster, make_discovery):
     cluster.add_service("vllm-a")
     cluster.add_service("vllm-b", namespace="team-b")
