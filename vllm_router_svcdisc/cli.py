@@ -119,6 +119,19 @@ def _wait_for_sync(discovery: K8sServiceDiscovery, timeout: float, stream: TextI
     return reasons[0] if reasons else f"not synced within {timeout:.0f}s"
 
 
+def _settle(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper, timeout: float) -> None:
+    """Wait (bounded) until every Service with ready pods was probed and every routable one
+    has stats, so the first table is not all dashes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        views = discovery.get_service_status().values()
+        stats = scraper.get_engine_stats()
+        if all(v.probe is not None for v in views if v.ready_pods) and all(
+                v.url in stats for v in views if v.routable):
+            return
+        time.sleep(0.05)
+
+
 def _parse_port(text: str | None) -> int | str | None:
     if text is None or text == "":
         return None
@@ -144,7 +157,7 @@ def cmd_watch(args: argparse.Namespace, stream: TextIO) -> int:
         if reason is not None:
             print(f"error: could not sync: {reason}", file=sys.stderr)
             return EXIT_NO_SYNC
-        time.sleep(min(2.0, args.scrape_interval * 1.5))  # give probes and a scrape a moment
+        _settle(discovery, scraper, timeout=3.0 + args.scrape_interval)
         _loop(discovery, scraper, args, stream, until=None)
         return EXIT_OK
     finally:

@@ -40,8 +40,13 @@ class Health:
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> Any:
-    """In-cluster config first (unless a kubeconfig is named), then the kubeconfig."""
+    """In-cluster config first (unless a kubeconfig is named), then the kubeconfig.
+
+    urllib3's own retries are off: it would sleep through a 429's Retry-After inside a call
+    that ``close()`` cannot interrupt; the informer's backoff honours Retry-After instead.
+    """
     configuration = k8s_client.Configuration()
+    configuration.retries = 0
     errors = []
     if kubeconfig is None and context is None:
         try:

@@ -107,3 +107,46 @@ def test_cli_demo_runs_its_churn_script_and_summarizes() -> None:
     text = out.getvalue()
     assert "rolling restart" in text and "== summary:" in text
     assert text.count("SERVICE") >= 4
+
+
+def _kubeconfig(tmp_path, server_url: str):
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: sim\n"
+        f"clusters:\n- name: sim\n  cluster:\n    server: {server_url}\n"
+        "contexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\n"
+        "users:\n- name: sim\n  user:\n    token: not-a-real-token\n")
+    return path
+
+
+def test_load_api_client_reads_a_kubeconfig_and_turns_urllib3_retries_off(cluster,
+                                                                          tmp_path) -> None:
+    from kubernetes.client import CoreV1Api
+
+    from vllm_router_svcdisc.discovery import load_api_client
+
+    client = load_api_client(kubeconfig=str(_kubeconfig(tmp_path, cluster.api.url)))
+    assert client.configuration.host == cluster.api.url
+    assert client.configuration.retries == 0
+    assert CoreV1Api(client).list_namespaced_service("default").items == []
+
+
+def test_cli_watch_once_prints_the_snapshot_as_json(cluster, tmp_path) -> None:
+    cluster.add_service("alpha", replicas=2)
+    out = io.StringIO()
+    code = cli.main(["watch", "--kubeconfig", str(_kubeconfig(tmp_path, cluster.api.url)),
+                     "--selector", "app=vllm", "--once", "-o", "json",
+                     "--scrape-interval", "0.2"], stream=out)
+    assert code == cli.EXIT_OK
+    snapshot = json.loads(out.getvalue().splitlines()[-1])
+    (row,) = snapshot["services"]
+    assert row["service"] == "default/alpha" and row["ready"] == 2
+    assert "not-a-real-token" not in out.getvalue()
+
+
+def test_cli_watch_exits_1_naming_rbac_when_forbidden(cluster, tmp_path, capsys) -> None:
+    cluster.api.fail_for(30, 403)
+    code = cli.main(["watch", "--kubeconfig", str(_kubeconfig(tmp_path, cluster.api.url)),
+                     "--once", "--sync-timeout", "5"])
+    assert code == cli.EXIT_NO_SYNC
+    assert "403" in capsys.readouterr().err
