@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import statistics
 import sys
 import threading
@@ -11,6 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import requests
+
+from vllm_router_svcdisc.informer import InformerConfig
+from vllm_router_svcdisc.probe import ProbeConfig
+
+#: timing used by every step of the benchmark (also by the isolated RSS child)
+INFORMER = InformerConfig(backoff_initial=0.05, backoff_cap=1.0, watch_timeout_range=(30, 60))
+PROBE = ProbeConfig(interval=60.0, timeout=2.0)
 
 _START = time.monotonic()
 
@@ -35,12 +44,12 @@ def summarize(values: Sequence[float], scale: float = 1.0) -> dict[str, Any]:
             "max": round(ordered[-1], 3)}
 
 
-def rss_mb() -> float:
-    """Current resident set size (VmRSS) of this process in MiB."""
+def rss_mb(field: str = "VmRSS") -> float:
+    """Current resident set size (``VmRSS``; ``VmHWM``: its peak) of this process in MiB."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
@@ -229,3 +238,87 @@ def time_per_call(func: Callable[[], Any], *, batches: int, per_batch: int) -> f
             func()
         samples.append((time.perf_counter_ns() - start) / per_batch)
     return round(statistics.median(samples), 1)
+
+
+def isolated_rss_main() -> int:
+    """The measured process of the isolated RSS step: discovery + scraper and nothing else.
+
+    Started by ``benchmarks/churn.py`` with ``python -c`` (so that it imports only what a router
+    would: the library, plus the stdlib-only DNS shim); reads one JSON line on stdin (the fake
+    API server's URL, the Services' names and pod IPs, limits), writes one JSON line on stdout.
+    The API server, the pod objects and the engines live in other processes.
+    """
+    import gc
+
+    from kubernetes import client as k8s_client
+
+    from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+    from vllm_router_svcdisc.scraper import EngineStatsScraper
+    from vllm_router_svcdisc.sim.dns import ServiceDNS
+
+    gc.collect()
+    out: dict[str, Any] = {"rss_imports_mb": rss_mb()}
+    config = json.loads(sys.stdin.readline())
+    namespace = config["namespace"]
+    services: dict[str, list[str]] = config["services"]
+    pods = sum(len(ips) for ips in services.values())
+    # Headless Services: the name resolves to the ready pod IPs, as cluster DNS would answer.
+    dns = ServiceDNS(config["cluster_domain"])
+    for name, ips in services.items():
+        dns.register(namespace, name, lambda ips=tuple(ips): ips)
+    dns.install()
+    discovery: Any = None
+    scraper: Any = None
+
+    def wait(predicate: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return predicate()
+
+    try:
+        gc.collect()
+        out["rss_before_discovery_mb"] = rss_mb()
+        configuration = k8s_client.Configuration()
+        configuration.host = config["api_url"]
+        t0 = time.monotonic()
+        discovery = K8sServiceDiscovery(namespace=namespace, label_selector="app=vllm",
+                                        api_client=k8s_client.ApiClient(configuration),
+                                        routing="service", informer_config=INFORMER,
+                                        probe_config=PROBE)
+        synced = discovery.wait_until_synced(config["timeout"])
+        out["sync_s"] = round(time.monotonic() - t0, 3) if synced else None
+        out["rss_after_sync_mb"] = rss_mb()
+        routable = wait(lambda: len(discovery.get_endpoint_info()) == len(services),
+                        config["timeout"])
+        out["all_routable_s"] = round(time.monotonic() - t0, 3) if routable else None
+        out["rss_all_routable_mb"] = rss_mb()
+        interval = config["scrape_interval"]
+        t1 = time.monotonic()
+        scraper = EngineStatsScraper(discovery, scrape_interval=interval)
+        full = wait(lambda: len(scraper.get_pod_engine_stats()) == pods, config["timeout"])
+        out["all_scraped_s"] = round(time.monotonic() - t1, 3) if full else None
+        out["pods_scraped"] = len(scraper.get_pod_engine_stats())
+        cycles = config["scrape_cycles"]
+        time.sleep(cycles * interval)
+        out["scrape_cycles_after_full"] = cycles
+        out["rss_after_scrape_mb"] = rss_mb()
+        out["rss_peak_mb"] = rss_mb("VmHWM")
+        out["threads"] = threading.active_count()
+        try:
+            out["open_fds"] = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            out["open_fds"] = None
+        out["pods"] = pods
+        out["services"] = len(services)
+    finally:
+        if scraper is not None:
+            scraper.close()
+        if discovery is not None:
+            discovery.close()
+        dns.uninstall()
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+    return 0

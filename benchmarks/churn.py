@@ -4,9 +4,10 @@ Churn scenarios (rolling restart, crash, scale up/down, API server trouble), eac
 DNS routing (mini kube-proxy) and pod-IP routing, with a load generator reading
 ``get_endpoint_info()`` at each request; micro figures at 10/100/1000 Services x 4 pods
 (engines served out of process by ``benchmarks/engine_farm.py``); metrics scraping of 1000 pods
-with 5 % black-holed next to a sequential scraper.  Writes ``benchmarks/results/churn.json``
-and ``churn.md`` (also printed).  Targets are reported, never enforced: the exit code is 0
-unless the run itself broke.
+with 5 % black-holed next to a sequential scraper; the RSS of a process running only discovery
+and the scraper at the largest size (API server, pods and engines in other processes).
+Writes ``benchmarks/results/churn.json`` and ``churn.md`` (also printed).  Targets are
+reported, never enforced: the exit code is 0 unless the run itself broke.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import argparse
 import contextlib
 import datetime
 import json
+import multiprocessing
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -30,6 +33,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import requests
 
 from benchmarks._common import (
+    INFORMER,
+    PROBE,
     ChangeClock,
     LoadGenerator,
     api_delta,
@@ -43,17 +48,14 @@ from benchmarks._common import (
 )
 from benchmarks.engine_farm import EngineFarm
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
-from vllm_router_svcdisc.informer import InformerConfig
-from vllm_router_svcdisc.probe import ProbeConfig
 from vllm_router_svcdisc.scraper import EngineStatsScraper, parse_metrics_body
 from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
 
-INFORMER = InformerConfig(backoff_initial=0.05, backoff_cap=1.0, watch_timeout_range=(30, 60))
-PROBE = ProbeConfig(interval=60.0, timeout=2.0)
 REPLICAS = 3
 SCENARIOS = ("rolling", "crash", "scale", "api_trouble")
 MODES = ("service", "pod")
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_discovery(cluster: SimCluster, routing: str) -> K8sServiceDiscovery:
@@ -352,15 +354,24 @@ def read_path(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper,
 
 def _max_age_window(urls: list[str], readings: Callable[[], dict[str, float]],
                     since: float, window: float) -> dict[str, Any]:
-    """Sample every 100 ms: the oldest healthy pod's stats age (never scraped: age since start)."""
+    """Sample every 100 ms the age of the newest stats of each healthy pod; the max is kept.
+
+    A pod's age counts from the newest sample the scraper ever published for it (so a reading
+    that expired from the scraper's TTL cache keeps its true age) or, never scraped, from the
+    scraper's start.  Also the most pods without current stats (expired or never scraped).
+    """
     worst = 0.0
     missing_worst = 0
+    newest: dict[str, float] = {}
     end = time.monotonic() + window
     samples = 0
     while time.monotonic() < end and samples < 10_000:
         now = time.monotonic()
         times = readings()
-        ages = [now - times[u] if u in times else now - since for u in urls]
+        for url, at in times.items():
+            if at > newest.get(url, 0.0):
+                newest[url] = at
+        ages = [now - newest.get(u, since) for u in urls]
         missing_worst = max(missing_worst, sum(1 for u in urls if u not in times))
         worst = max(worst, max(ages, default=0.0))
         samples += 1
@@ -453,7 +464,7 @@ def run_scrape(farm: EngineFarm, args: argparse.Namespace) -> dict[str, Any]:
         window = _max_age_window(healthy, concurrent_times, started, args.scrape_window)
         window["cpu_s_per_s"] = round((time.process_time() - cpu) / (time.monotonic() - t), 3)
         window["config"] = (f"EngineStatsScraper(scrape_interval=1, timeout={scraper.timeout}, "
-                            f"workers=32)")
+                            "workers=32, keepalive_hosts=1024)")
         result["concurrent"] = window
         scraper.close()
         scraper = None
@@ -485,6 +496,94 @@ def run_scrape(farm: EngineFarm, args: argparse.Namespace) -> dict[str, Any]:
             discovery.close()
         farm.clear()
         cluster.stop()
+
+
+# -- RSS of discovery + scraper alone ---------------------------------------------------------
+
+_RSS_CHILD = ("import sys; sys.path.insert(0, {root!r}); "
+              "from benchmarks._common import isolated_rss_main; sys.exit(isolated_rss_main())")
+
+
+def _cluster_host(conn: Any, size: int, max_seconds: float) -> None:
+    """Helper process of the RSS step: fake API server + pod objects + (via a farm) engines.
+
+    Sends the API server URL, the farm port and every Service's pod IPs over ``conn``; then
+    waits (at most ``max_seconds``) for ``"stop"``, answers with the API request counts and
+    the open watches, and tears everything down.
+    """
+    farm = EngineFarm(0, max_seconds=max_seconds + 30).start()
+    cluster = SimCluster(engine_port=farm.port, engine_factory=farm.engine_factory())
+    try:
+        cluster.start()
+        t = time.monotonic()
+        names = [f"r{size}-{i:04d}" for i in range(size)]
+        for name in names:
+            cluster.add_service(name, replicas=4, headless=True, port=farm.port)
+        time.sleep(0.2)  # the farm learns the pod IPs
+        conn.send({"api_url": cluster.api.url, "farm_port": farm.port, "namespace": "default",
+                   "cluster_domain": cluster.cluster_domain,
+                   "services": {n: [p.ip for p in cluster.pods(n)] for n in names},
+                   "setup_s": round(time.monotonic() - t, 2), "host_rss_mb": rss_mb()})
+        before = cluster.api.request_counts()
+        if conn.poll(max_seconds):
+            conn.recv()
+        conn.send({"api_requests": api_delta(before, cluster.api.request_counts()),
+                   "open_watches": {r: cluster.api.open_watch_count(r)
+                                    for r in ("services", "endpointslices")}})
+    finally:
+        cluster.stop()
+        farm.stop()
+        conn.close()
+
+
+def run_rss(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """RSS of a fresh process running only K8sServiceDiscovery + EngineStatsScraper."""
+    limit = 240.0
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    host = ctx.Process(target=_cluster_host, args=(there, size, limit), name="rss-cluster-host")
+    host.start()
+    there.close()
+    child: subprocess.Popen[str] | None = None
+    try:
+        if not here.poll(120.0):
+            raise RuntimeError("rss: the cluster host did not come up within 120 s")
+        info = here.recv()
+        progress(f"rss: cluster host pid {host.pid} ready ({size} Services, setup "
+                 f"{info['setup_s']} s, host RSS {info['host_rss_mb']} MiB); measuring")
+        config = {"api_url": info["api_url"], "namespace": info["namespace"],
+                  "cluster_domain": info["cluster_domain"], "services": info["services"],
+                  "scrape_interval": args.rss_scrape_interval,
+                  "scrape_cycles": args.rss_scrape_cycles, "timeout": 90.0}
+        child = subprocess.Popen([sys.executable, "-c", _RSS_CHILD.format(root=str(ROOT))],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            out, err = child.communicate(json.dumps(config) + "\n", timeout=200.0)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate(timeout=10.0)
+            raise RuntimeError("rss: the measured process did not finish within 200 s") from None
+        if child.returncode != 0 or not out.strip():
+            raise RuntimeError(f"rss: measured process exited {child.returncode}: {err[-500:]}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        result["cluster_host_rss_mb"] = info["host_rss_mb"]
+        result["scrape_interval_s"] = args.rss_scrape_interval
+        here.send("stop")
+        if here.poll(15.0):
+            result.update(here.recv())
+        return result
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait(10.0)
+        with contextlib.suppress(OSError, ValueError):
+            here.send("stop")
+        host.join(20.0)
+        if host.is_alive():
+            host.terminate()
+            host.join(5.0)
+        here.close()
 
 
 # -- targets and report -----------------------------------------------------------------------
@@ -531,11 +630,28 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                          f"{m['steady']['api_requests'] or 'none'}, flips "
                          f"{m['flip_api_requests'] or 'none'}" for k, m in micro.items()),
                      "met": quiet_ok})
-        rows.append({"target": f"RSS after sync at {sizes[-1]} Services x 4 pods",
+    rss = results.get("rss")
+    if rss and "error" not in rss:
+        mib = rss["rss_after_scrape_mb"]
+        in_process = micro.get(str(rss["services"]), {}).get("rss_after_sync_mb")
+        rows.append({"target": f"RSS at {rss['services']} Services x 4 pods: discovery + "
+                               "scraper alone",
+                     "goal": "<= 100 MB",
+                     "measured": f"{mib} MiB = {round(mib * 1.048576, 1)} MB after sync and "
+                                 f"{rss['scrape_cycles_after_full']} scrape cycles (imports "
+                                 f"only {rss['rss_imports_mb']} MiB; after sync "
+                                 f"{rss['rss_after_sync_mb']} MiB; peak {rss['rss_peak_mb']} "
+                                 "MiB)" + (f"; in-process figure with the cluster sim: "
+                                           f"{in_process} MiB" if in_process else ""),
+                     "met": mib * 1.048576 <= 100})
+    elif micro:
+        big = micro[str(max(int(k) for k in micro))]
+        rows.append({"target": f"RSS after sync at {big['services']} Services x 4 pods",
                      "goal": "<= 100 MB",
                      "measured": f"{big['rss_after_sync_mb']} MiB whole process (cluster sim "
-                                 f"included); discovery's share {big['rss_discovery_mb']} MiB",
-                     "met": big["rss_after_sync_mb"] <= 100})
+                                 f"included; not isolated); discovery's share "
+                                 f"{big['rss_discovery_mb']} MiB",
+                     "met": big["rss_after_sync_mb"] * 1.048576 <= 100})
     churn = results.get("churn", {}).get("rolling", {})
     if "service" in churn:
         svc, pod = churn["service"], churn.get("pod", {})
@@ -598,8 +714,11 @@ def markdown(results: dict[str, Any]) -> str:
     micro = results.get("micro", {})
     if micro:
         out += ["", "## Micro figures", "",
-                "Headless Services, 4 pods each, engines served by the out-of-process farm.", "",
-                "| Services | pods | first sync s | all routable s | RSS MiB (discovery) | "
+                "Headless Services, 4 pods each, engines served by the out-of-process farm. "
+                "In-process RSS: the whole benchmark process, which also hosts the fake API "
+                "server and the pod objects (see the isolated figure below).", "",
+                "| Services | pods | first sync s | all routable s | in-process RSS MiB "
+                "(discovery's growth) | "
                 "get_endpoint_info ns svc / pod | baseline ns | get_engine_stats ns | "
                 "baseline ns | flip -> reflected ms p50 / p99 / max |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
@@ -615,6 +734,36 @@ def markdown(results: dict[str, Any]) -> str:
                 "(production-stack); an empty call costs "
                 + ", ".join(f"{m['read_ns']['noop_call']} ns" for m in micro.values())
                 + " in the same loop."]
+    rss = results.get("rss")
+    if rss:
+        out += ["", "## RSS of discovery + scraper alone", ""]
+        if "error" in rss:
+            out.append(f"error: {rss['error']}")
+        else:
+            out += [f"A fresh process (`python -c`, imports: the library and the stdlib-only DNS "
+                    f"shim) runs `K8sServiceDiscovery(routing=\"service\")` + "
+                    f"`EngineStatsScraper(scrape_interval={rss['scrape_interval_s']:g})` against "
+                    f"{rss['services']} headless Services x 4 pods; the fake API server and "
+                    "the pod objects live in a spawned helper process (its RSS "
+                    f"{rss['cluster_host_rss_mb']} MiB), the engines in that helper's farm. "
+                    "The DNS shim in the measured process maps each Service name to its 4 pod "
+                    "IPs, as cluster DNS answers for a headless Service.", "",
+                    "| stage | VmRSS MiB |", "|---|---|",
+                    f"| imports only | {rss['rss_imports_mb']} |",
+                    f"| before discovery (DNS shim with {rss['services']} names) | "
+                    f"{rss['rss_before_discovery_mb']} |",
+                    f"| first sync ({rss['sync_s']} s) | {rss['rss_after_sync_mb']} |",
+                    f"| all Services routable, models probed ({rss['all_routable_s']} s) | "
+                    f"{rss['rss_all_routable_mb']} |",
+                    f"| scraper: all {rss['pods_scraped']} pods scraped ({rss['all_scraped_s']} "
+                    f"s) + {rss['scrape_cycles_after_full']} intervals | "
+                    f"{rss['rss_after_scrape_mb']} |",
+                    f"| peak (VmHWM) | {rss['rss_peak_mb']} |", "",
+                    f"Threads {rss['threads']}, open file descriptors {rss['open_fds']}; API "
+                    f"requests of the measured process: "
+                    + (", ".join(f"{k} {v}" for k, v in rss.get("api_requests", {}).items())
+                       or "-")
+                    + "."]
     scrape = results.get("scrape")
     if scrape:
         c, s = scrape["concurrent"], scrape["sequential"]
@@ -623,7 +772,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{scrape['interval_s']} s, measured over {scrape['window_s']} s after "
                 "warm-up; idle process CPU before scraping "
                 f"{scrape['idle_cpu_s_per_s']} s/s.", "",
-                "| scraper | oldest healthy pod's stats, max s | pods never scraped (max) | "
+                "| scraper | oldest healthy pod's stats, max s | pods without current stats "
+                "(max) | "
                 "process CPU s/s |", "|---|---|---|---|",
                 f"| {c['config']} | {c['max_age_s']} | {c['max_missing_pods']} | "
                 f"{c['cpu_s_per_s']} |",
@@ -661,6 +811,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--skip-churn", action="store_true")
     parser.add_argument("--skip-scrape", action="store_true")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-size", type=int,
+                        help="Services (x 4 pods) of the isolated RSS step (default: largest size)")
+    parser.add_argument("--rss-scrape-interval", type=float,
+                        help="scrape interval of the RSS step (default 10; quick 1)")
+    parser.add_argument("--rss-scrape-cycles", type=int, default=3,
+                        help="scrape intervals to wait after every pod was scraped once")
     parser.add_argument("--farm-port", type=int, default=18080)
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -675,6 +832,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if quick and args.scrape_warmup == 3.0:
         args.scrape_warmup = 2.0
+    if args.rss_size is None:
+        args.rss_size = max(args.sizes)
+    if args.rss_scrape_interval is None:  # 4000 pods take ~7 s of one core per pass here
+        args.rss_scrape_interval = 1.0 if quick else 10.0
     return args
 
 
@@ -726,6 +887,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_scrape and farm is not None:
             progress(f"scrape {args.scrape_pods} pods")
             results["scrape"] = run_scrape(farm, args)
+        if farm is not None:
+            farm.stop()  # the RSS step brings its own processes
+            farm = None
+        if not args.skip_rss:
+            progress(f"rss: discovery + scraper alone, {args.rss_size} Services x 4 pods")
+            try:
+                results["rss"] = run_rss(args.rss_size, args)
+            except Exception as exc:  # report it, keep the rest
+                exit_code = 1
+                results["rss"] = {"error": f"{exc.__class__.__name__}: {exc}"}
+            progress(f"rss: {results['rss']}")
     except KeyboardInterrupt:
         progress("interrupted: cleaning up")
         return 130

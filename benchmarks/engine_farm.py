@@ -6,7 +6,8 @@ to (``sockname``): ``GET /metrics`` (the page :class:`FakeEngine` renders), ``GE
 ``POST /v1/completions``, ``GET /health``.  Per-IP state is driven by commands on stdin, one per
 line:
 
-``up IP MODEL`` (known pod), ``down IP`` (connections reset, like a stopped pod),
+``up IP MODEL`` (known pod), ``drain IP`` (keeps answering, but closes each connection after
+its response, like uvicorn after SIGTERM), ``down IP`` (connections reset, like a stopped pod),
 ``blackhole IP...`` (accept and read, never answer), ``clear`` (no black holes), ``quit``.
 
 The process prints ``READY <port>`` once listening, exits on ``quit``, on stdin EOF (the parent
@@ -41,6 +42,7 @@ class _Farm:
     def __init__(self) -> None:
         self.models: dict[str, str] = {}
         self.down: set[str] = set()
+        self.draining: set[str] = set()
         self.blackhole: set[str] = set()
         self._pages: dict[str, bytes] = {}
         self._model_lists: dict[str, bytes] = {}
@@ -59,8 +61,12 @@ class _Farm:
         if verb == "up" and args:
             self.models[args[0]] = args[1] if len(args) > 1 else DEFAULT_MODEL
             self.down.discard(args[0])
+            self.draining.discard(args[0])
+        elif verb == "drain" and args:
+            self.draining.add(args[0])
         elif verb == "down" and args:
             self.down.add(args[0])
+            self.draining.discard(args[0])
         elif verb == "blackhole":
             self.blackhole.update(args)
         elif verb == "clear":
@@ -114,7 +120,8 @@ class _Farm:
                         await asyncio.wait_for(reader.read(), _HOLD_LIMIT)
                     return
                 status, ctype, body = self._route(ip, method, path.split("?", 1)[0])
-                close = headers.get("connection", "").lower() == "close"
+                close = (headers.get("connection", "").lower() == "close"
+                         or ip in self.draining)
                 writer.write(
                     f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
                     f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
@@ -242,6 +249,9 @@ class EngineFarm:
     def up(self, ip: str, model: str) -> None:
         self.send(f"up {ip} {model}")
 
+    def drain(self, ip: str) -> None:
+        self.send(f"drain {ip}")
+
     def down(self, ip: str) -> None:
         self.send(f"down {ip}")
 
@@ -291,6 +301,10 @@ class EngineFarm:
             def start(self) -> FarmEngine:
                 farm.up(self.ip, self.model)
                 return self
+
+            def drain(self) -> None:  # SimCluster.terminate_pod: graceful termination
+                self.draining = True
+                farm.drain(self.ip)
 
             def stop(self) -> None:
                 farm.down(self.ip)

@@ -18,7 +18,7 @@ def test_churn_quick_runs_and_writes_results(tmp_path: Path) -> None:
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "churn.json").read_text())
-    assert {"meta", "churn", "micro", "scrape", "targets"} <= results.keys()
+    assert {"meta", "churn", "micro", "scrape", "rss", "targets"} <= results.keys()
     assert set(results["churn"]) == {"rolling", "crash", "scale", "api_trouble"}
     for modes in results["churn"].values():
         assert set(modes) == {"service", "pod"}
@@ -29,6 +29,8 @@ def test_churn_quick_runs_and_writes_results(tmp_path: Path) -> None:
     assert {"sync_s", "all_routable_s", "rss_after_sync_mb", "read_ns", "flip_ms",
             "steady"} <= micro.keys()
     assert {"concurrent", "sequential"} <= results["scrape"].keys()
+    assert {"rss_imports_mb", "rss_after_sync_mb", "rss_after_scrape_mb",
+            "pods_scraped"} <= results["rss"].keys(), results["rss"]
     assert all({"target", "goal", "measured", "met"} <= row.keys()
                for row in results["targets"])
     markdown = (tmp_path / "churn.md").read_text()

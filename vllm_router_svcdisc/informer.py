@@ -41,6 +41,8 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 MAX_LIST_BYTES = 256 * 1024 * 1024
 #: A watch that breaks sooner than this without an event is a failure (backoff), not an end.
 MIN_HEALTHY_WATCH_SECONDS = 1.0
+#: After a 410 the informer re-lists at once, but never more often than this.
+MIN_RELIST_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,17 @@ class _ReflectorBackoff(tenacity.wait.wait_base):
                                               max=cfg.backoff_cap)
 
     def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, _Expired):
+            # An expired RV is routine (compaction): re-list at once, but at most once per
+            # MIN_RELIST_INTERVAL so a server that expires every watch cannot spin us.
+            since = time.monotonic() - self._informer.last_list_time
+            return max(0.0, MIN_RELIST_INTERVAL - since) + random.uniform(0.0, 0.1)
         state = copy.copy(retry_state)
         state.attempt_number = max(1, self._informer.failure_streak)
         delay = float(self._exp(state))
         delay = min(self._informer.config.backoff_cap, delay * (1.0 + random.random()))
-        outcome = retry_state.outcome
-        error = outcome.exception() if outcome is not None else None
         if isinstance(error, ApiError) and error.retry_after is not None:
             delay = max(delay, float(error.retry_after))
         return delay
@@ -155,6 +162,7 @@ class Informer:
         self._need_list = True
         self._healthy_since: float | None = None
         self.failure_streak = 0
+        self.last_list_time = 0.0
         self._logged_error: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -265,8 +273,7 @@ class Informer:
             while not self._stop.is_set():
                 self._watch()
         except _Expired:
-            self._need_list = True
-            self._note_failure()
+            self._need_list = True  # not a failure: re-list soon, see _ReflectorBackoff
             raise
         except Exception as exc:
             if self._stop.is_set():
@@ -335,6 +342,7 @@ class Informer:
         with self._lock:
             self._status.lists += 1
             self._status.last_sync_rv = list_rv
+        self.last_list_time = time.monotonic()
         self._synced.set()
         with self._lock:
             self._status.synced = True

@@ -180,6 +180,23 @@ def test_a_watch_that_breaks_after_working_is_reopened_at_once_not_as_a_failure(
     assert status.lists == 1 and status.watches >= 2
 
 
+def test_repeated_expiry_relists_promptly_without_growing_backoff(cluster, start_informer):
+    # A huge failure backoff: a 410 treated as a failure would stall far past the deadline.
+    slow_backoff = dataclasses.replace(FAST_INFORMER, backoff_initial=60, backoff_cap=60)
+    informer, recorder = start_informer(config=slow_backoff)
+    for round_ in range(3):
+        cluster.api.put("services", service(f"gone-{round_}"))
+        wait_for(converged(recorder, cluster), 5, mismatch(recorder, cluster))
+        cluster.api.delete("services", "default", f"gone-{round_}")
+        cluster.api.compact()
+        cluster.api.cut_watches()  # reconnect from an expired RV: 410, then re-LIST
+        cluster.api.put("services", service(f"new-{round_}"))
+        wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    status = informer.status()
+    assert status.lists >= 2 and status.relists_by_cause.get("expired", 0) >= 1
+    assert status.last_error is None
+
+
 def test_bookmarks_advance_the_resource_version_without_events(cluster, start_informer):
     cluster.api.put("services", service("a"))
     informer, recorder = start_informer()
