@@ -121,12 +121,12 @@ def _relevant_lines(text: str) -> str:
     """
     kept = []
     for line in text.splitlines():
-        if line.startswith("#"):
+        if line.startswith("#"):  # HELP lines are dropped: the parser does not need them
             parts = line.split(None, 3)
-            name = parts[2] if len(parts) > 2 and parts[1] in ("HELP", "TYPE") else ""
+            name = parts[2] if len(parts) > 2 and parts[1] == "TYPE" else ""
         else:
             name = line.split("{", 1)[0].split(None, 1)[0] if line.strip() else ""
-        if name.removesuffix("_total").removesuffix("_created") in _FAMILIES:
+        if name.removesuffix("_total") in _FAMILIES:  # not *_created: never read
             kept.append(line)
     return "\n".join(kept) + "\n"
 
