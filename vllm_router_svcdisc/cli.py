@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     watch = sub.add_parser("watch", help="show the routable vLLM Services of a real cluster")
-    watch.add_argument("--namespace", "--k8s-namespace", default="default")
+    watch.add_argument("--namespace", "--k8s-namespace", "-n", default="default")
     watch.add_argument("--all-namespaces", "-A", action="store_true")
     watch.add_argument("--selector", "--k8s-label-selector", "-l", default=None)
     watch.add_argument("--port", "--k8s-port", default=None,
