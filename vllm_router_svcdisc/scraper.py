@@ -9,6 +9,7 @@ that leaves the endpoints is dropped at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 
 import requests
 import tenacity
+import urllib3
 from cachetools import TTLCache
 
 from .http import HttpFetchError, fetch, pooled_session
@@ -273,7 +275,31 @@ class EngineStatsScraper:
                 self._pool.submit(self._scrape, state)
             except RuntimeError:  # pool shut down: closing
                 break
+        self._drop_connections(gone)
         return bool(gone)
+
+    def _drop_connections(self, urls: list[str]) -> None:
+        """Close the keep-alive connections to pods that left: otherwise each keeps a socket
+        open until ``keepalive_hosts`` newer pods push it out, and churn leaks descriptors."""
+        if not urls:
+            return
+        hosts = set()
+        for url in urls:
+            with contextlib.suppress(ValueError):
+                parsed = urllib3.util.parse_url(url)
+                hosts.add((parsed.scheme, (parsed.host or "").lower(), parsed.port))
+        for prefix in ("http://", "https://"):
+            manager = getattr(self._session.adapters.get(prefix), "poolmanager", None)
+            pools = getattr(manager, "pools", None)
+            if pools is None:
+                continue
+            keys = pools.keys()  # a locked copy: the container refuses plain iteration
+            for key in keys:
+                pool_host = (getattr(key, "key_scheme", None), getattr(key, "key_host", None),
+                             getattr(key, "key_port", None))
+                if pool_host in hosts:
+                    with contextlib.suppress(KeyError):
+                        del pools[key]  # disposing a pool closes its idle connections
 
     # -- a worker ----------------------------------------------------------------------------
 

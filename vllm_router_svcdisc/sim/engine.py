@@ -44,6 +44,7 @@ _GARBAGE_METRICS = b"<html><body>502 {{{ this is not prometheus text \x00\xff\xf
 _GARBAGE_JSON = b'{"object": "list", "data": [{"id": "truncated'
 _MAX_LORA_HISTORY = 16
 _POLL = 0.05  # seconds; bound of every internal wait loop
+_TRICKLE_LIMIT = 120.0  # a trickled response gives up after this long
 
 
 class EngineMode(enum.StrEnum):
@@ -56,6 +57,8 @@ class EngineMode(enum.StrEnum):
     ERROR500 = "error500"  # 500 everywhere (/health: 503)
     OVERSIZE = "oversize"  # /metrics body of ``oversize_bytes`` bytes
     DOWN = "down"  # listening socket closed: connections refused
+    TRICKLE = "trickle"  # slow loris: headers at once, then the body one byte per
+    #                      ``trickle_interval`` seconds (on /metrics and /v1/*)
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -208,6 +211,15 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send_json(500, {"error": "Internal Server Error"})
             return
+        if mode is EngineMode.TRICKLE and self.command == "GET" and (
+                path == "/metrics" or path == "/v1/models"):
+            if path == "/metrics":
+                self._send_trickled(engine, engine.metrics_text(),
+                                    "text/plain; version=0.0.4; charset=utf-8")
+            else:
+                self._send_trickled(engine, json.dumps(engine.models_payload()).encode(),
+                                    "application/json")
+            return
         if path == "/metrics" and self.command in ("GET", "HEAD"):
             if mode is EngineMode.GARBAGE:
                 self._send(200, _GARBAGE_METRICS, "text/plain; version=0.0.4; charset=utf-8")
@@ -242,6 +254,24 @@ class _Handler(BaseHTTPRequestHandler):
         if not key:
             return True
         return self.headers.get("Authorization", "") == f"Bearer {key}"
+
+    def _send_trickled(self, engine: FakeEngine, body: bytes, content_type: str) -> None:
+        """Declare the whole body, then send it a byte at a time: each read gets data well
+        within any read timeout, only a whole-body deadline stops it.  Ends when the client
+        goes away, the mode changes, the engine stops, or after ``_TRICKLE_LIMIT`` seconds."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        limit = time.monotonic() + _TRICKLE_LIMIT
+        for index in range(len(body)):
+            if (self.server.release.is_set() or engine.mode is not EngineMode.TRICKLE
+                    or time.monotonic() > limit):
+                self.close_connection = True
+                return
+            self.wfile.write(body[index:index + 1])  # OSError once the client has gone
+            self.server.release.wait(max(0.001, engine.trickle_interval))
 
     def _send_oversize(self, engine: FakeEngine) -> None:
         total = max(0, int(engine.oversize_bytes))
@@ -307,6 +337,7 @@ class FakeEngine:
         self.waiting_lora_adapters: list[str] = []
         self.slow_delay = 2.0
         self.oversize_bytes = 50 * 1024 * 1024
+        self.trickle_interval = 0.2
         self.draining = False
 
         self._lock = threading.RLock()

@@ -1,0 +1,48 @@
+"""The 60-second soak (``python benchmarks/soak.py --duration 60``) stays flat.
+
+It runs in its own process so that threads and descriptors left behind by earlier tests cannot
+blur the counts.  The bounds are the benchmark's own (see ``benchmarks/soak.py``): RSS growth
+after warm-up < 5 %, the library's thread count identical after warm-up, all threads within
+``THREAD_TOLERANCE`` and open descriptors within ``FD_TOLERANCE``, the endpoint set exact at the
+end, nothing escaped ``get_*()``, no crash logged, ``close()`` prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.soak import FD_TOLERANCE, RSS_GROWTH_BOUND, THREAD_TOLERANCE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sixty_second_soak_ends_flat_and_exact(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--duration", "60",
+           "--farm-port", "0", "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert (tmp_path / "soak.json").exists(), run.stderr[-3000:]
+    results = json.loads((tmp_path / "soak.json").read_text())
+    table = (tmp_path / "soak.md").read_text()
+    assert "| bound | limit | measured | met |" in table
+    failed = [row for row in results["bounds"] if not row["met"]]
+    assert not failed, f"{failed}\n{table}"
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    warm = [s for s in results["samples"] if s["t"] >= results["meta"]["warmup_s"]]
+    assert len(warm) >= 10
+    rss = [s["rss_mb"] for s in warm]
+    assert (sorted(rss[-3:])[1] - sorted(rss[:3])[1]) / sorted(rss[:3])[1] < RSS_GROWTH_BOUND
+    assert len({s["svcdisc_threads"] for s in warm}) == 1
+    assert max(s["threads"] for s in warm) - min(s["threads"] for s in warm) <= THREAD_TOLERANCE
+    assert max(s["fds"] for s in warm) - min(s["fds"] for s in warm) <= FD_TOLERANCE
+    # Caches follow the cluster, they do not pile up: nothing outlives its Service or pod.
+    last = warm[-1]
+    assert last["prober_due"] <= last["services"] <= 100
+    assert last["scraper_readings"] <= last["scraper_pods"]
+    assert results["end"]["converged"], results["end"]["mismatch"]
+    assert results["read_errors"] == 0 and not results["end"]["crash_logs"]
+    assert not results["driver_errors"], results["driver_errors"]
+    assert sum(results["faults"].values()) >= 20 and sum(results["churn"].values()) >= 200
