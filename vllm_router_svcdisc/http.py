@@ -10,6 +10,9 @@ import time
 from collections.abc import Mapping
 
 import requests
+import urllib3
+
+from .deadline import DeadlineAdapter, deadline_scope
 
 
 class HttpFetchError(Exception):
@@ -36,11 +39,19 @@ def fetch(
 ) -> tuple[int, bytes]:
     """GET ``url``; returns (status, body).  Bodies over ``max_bytes`` are refused unread.
 
-    ``timeout`` also bounds the whole body read, so an engine trickling bytes (slow loris)
-    cannot hold a worker longer than a silent one.
+    ``timeout`` also bounds the whole exchange — status line, headers and body — on sessions
+    from :func:`pooled_session`, so an engine trickling bytes (slow loris) cannot hold a
+    worker longer than a silent one.
     """
     budget = timeout if isinstance(timeout, int | float) else sum(timeout)
     deadline = time.monotonic() + budget
+    with deadline_scope(deadline):
+        return _fetch(session, url, headers, timeout, max_bytes, deadline)
+
+
+def _fetch(session: requests.Session, url: str, headers: Mapping[str, str] | None,
+           timeout: float | tuple[float, float], max_bytes: int,
+           deadline: float) -> tuple[int, bytes]:
     try:
         # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
         response = session.get(url, headers={"Accept-Encoding": "identity", **(headers or {})},
@@ -80,6 +91,9 @@ def fetch(
                                          cause="timeout")
         except HttpFetchError:
             raise
+        except (TimeoutError, urllib3.exceptions.TimeoutError):
+            raise HttpFetchError("timed out reading the body", transient=False,
+                                 cause="timeout") from None
         except Exception as exc:  # urllib3 and socket errors of a broken body
             raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
                                  transient=False, cause="connection") from None
@@ -106,8 +120,8 @@ def pooled_session(pool_size: int, hosts: int | None = None) -> requests.Session
     between it and in-cluster engines.
     """
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=hosts or pool_size,
-                                            pool_maxsize=pool_size, max_retries=0)
+    adapter = DeadlineAdapter(pool_connections=hosts or pool_size, pool_maxsize=pool_size,
+                              max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.trust_env = False

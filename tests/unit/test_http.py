@@ -109,3 +109,25 @@ def test_connection_refused_is_transient_and_named() -> None:
     with pytest.raises(HttpFetchError) as error:
         fetch(requests.Session(), f"http://127.0.0.1:{port}", timeout=2, max_bytes=1024)
     assert error.value.transient and error.value.cause == "connection"
+
+
+def test_trickled_status_line_and_headers_are_cut_off_at_the_timeout(serve) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Padding: " + b"p" * 60 + b"\r\n\r\n"
+    url = serve(_trickle(b"", head + b"hello", 0.05))
+    started = time.monotonic()
+    with pytest.raises(HttpFetchError) as error:
+        fetch(pooled_session(1), url, timeout=0.5, max_bytes=1024)
+    assert error.value.cause == "timeout"
+    assert time.monotonic() - started < 2.0  # the deadline, not ~4 s of trickled headers
+
+
+def test_keep_alive_connections_are_reused_across_deadlines(serve) -> None:
+    def two_answers(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+
+    url = serve(two_answers)  # one connection only: the second GET must reuse it
+    session = pooled_session(1)
+    assert fetch(session, url, timeout=2, max_bytes=64) == (200, b"one")
+    assert fetch(session, url, timeout=2, max_bytes=64) == (200, b"two")

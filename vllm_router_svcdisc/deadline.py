@@ -1,0 +1,116 @@
+"""A whole-request deadline for engine HTTP calls, enforced on every socket read.
+
+Socket timeouts bound each read, not the request: an engine that trickles its status line,
+headers or body a byte at a time (slow loris) never trips them.  Connections made by sessions
+from :func:`mount_deadline_adapter` wrap their socket so that, inside :func:`deadline_scope`,
+each read waits at most until the deadline and then fails with ``TimeoutError``.  No extra
+thread; outside a scope the socket behaves as usual.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import requests
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+_scope = threading.local()
+
+
+@contextmanager
+def deadline_scope(deadline: float) -> Iterator[None]:
+    """Reads on this thread's deadline-aware connections end by ``deadline`` (monotonic)."""
+    previous = getattr(_scope, "deadline", None)
+    _scope.deadline = deadline
+    try:
+        yield
+    finally:
+        _scope.deadline = previous
+
+
+class _DeadlineSocket:
+    """Delegates to the real socket; reads honour the current thread's deadline."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._timeout: float | None = sock.gettimeout()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def _bound(self) -> None:
+        deadline = getattr(_scope, "deadline", None)
+        if deadline is None:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline passed")
+        base = self._timeout
+        self._sock.settimeout(remaining if base is None else min(base, remaining))
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._bound()
+        return int(self._sock.recv_into(buffer, nbytes, flags))
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._bound()
+        return bytes(self._sock.recv(bufsize, flags))
+
+    def makefile(self, mode: str = "r", buffering: int | None = None, **_kwargs: Any) -> Any:
+        """A binary reader whose reads come back through :meth:`recv_into`.
+
+        Like ``socket.makefile`` it holds a reference on the socket, so ``close()`` (which
+        http.client calls on a ``Connection: close`` response before the body is read) only
+        takes effect once the reader is closed too.
+        """
+        self._sock._io_refs += 1
+        raw = socket.SocketIO(self, "rb")  # type: ignore[arg-type]
+        return io.BufferedReader(raw, buffering or io.DEFAULT_BUFFER_SIZE)
+
+    def _decref_socketios(self) -> None:
+        self._sock._decref_socketios()
+
+
+class _DeadlineHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock)
+
+
+class _DeadlineHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock)
+
+
+class _DeadlineHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+class DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter whose connections honour :func:`deadline_scope`."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _DeadlineHTTPConnectionPool,
+            "https": _DeadlineHTTPSConnectionPool,
+        }
