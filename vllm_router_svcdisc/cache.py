@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, NoReturn
 
@@ -52,6 +52,7 @@ class ModelProbe:
     models: Mapping[str, ModelInfo] = field(default_factory=dict)
     reason: str | None = None
     time: float = 0.0
+    unreachable: bool = False  # failed on timeout/connection/DNS/5xx, not on the answer itself
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,12 @@ class DiscoveryCache:
         with self._lock:
             if key not in self._services:
                 return
+            previous = self._probes.get(key)
+            if not probe.ok and probe.unreachable and previous is not None and previous.ok:
+                # The pods are still ready (readiness says so); an engine we could not reach
+                # this once keeps the models it served until a probe says otherwise.
+                probe = replace(previous, reason=f"last probe failed ({probe.reason}); "
+                                                 "keeping the models of the previous probe")
             self._probes[key] = probe
             if probe.ok:
                 self._ever_seen_models.update(probe.models)

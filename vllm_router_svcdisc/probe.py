@@ -46,10 +46,11 @@ class ProbeConfig:
 class ProbeError(Exception):
     """A probe failed for a reason worth showing as is (never contains credentials)."""
 
-    def __init__(self, reason: str, *, transient: bool) -> None:
+    def __init__(self, reason: str, *, transient: bool, unreachable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.transient = transient
+        self.unreachable = unreachable
 
 
 def parse_model_list(data: Any) -> dict[str, ModelInfo]:
@@ -80,13 +81,15 @@ def fetch_models(session: requests.Session, url: str, api_key: str | None,
             status, body = fetch(session, f"{url}/v1/models", headers=headers,
                                  timeout=config.timeout, max_bytes=MAX_MODELS_BYTES)
         except HttpFetchError as exc:
-            raise ProbeError(exc.reason, transient=exc.transient) from None
+            raise ProbeError(exc.reason, transient=exc.transient,
+                             unreachable=exc.cause in ("timeout", "connection", "dns")) from None
         if status == 401:
             hint = ("the key in VLLM_API_KEY was refused" if api_key
                     else f"set {API_KEY_ENV} to the engines' API key")
             raise ProbeError(f"401 Unauthorized from /v1/models: {hint}", transient=False)
         if status >= 500:
-            raise ProbeError(f"/v1/models answered HTTP {status}", transient=True)
+            raise ProbeError(f"/v1/models answered HTTP {status}", transient=True,
+                             unreachable=True)
         if status != 200:
             raise ProbeError(f"/v1/models answered HTTP {status}", transient=False)
         try:
@@ -196,7 +199,8 @@ class ModelProber:
             models = fetch_models(self._session, url, self._api_key, self.config)
             result = ModelProbe(ok=True, models=models, time=time.monotonic())
         except ProbeError as exc:
-            result = ModelProbe(ok=False, reason=exc.reason, time=time.monotonic())
+            result = ModelProbe(ok=False, reason=exc.reason, time=time.monotonic(),
+                                unreachable=exc.unreachable)
         except Exception as exc:  # a probe must never kill a worker silently
             log.exception("model probe of %s crashed", key)
             result = ModelProbe(ok=False, reason=f"probe crashed: {exc.__class__.__name__}",

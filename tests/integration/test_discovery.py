@@ -524,6 +524,28 @@ def test_endpoints_fallback_when_endpointslices_are_not_served(cluster, make_dis
 # --- model probes ------------------------------------------------------------------------------
 
 
+def test_unreachable_engine_keeps_its_last_models_but_a_bad_answer_drops_them(
+        cluster, make_discovery):
+    cluster.add_service("vllm-a", replicas=1)
+    (pod,) = cluster.pods("vllm-a")
+    discovery = make_discovery(cluster)
+    wait_converged(discovery, cluster)
+    url = cluster.url_of("vllm-a")
+
+    def probe_reason() -> str:
+        probe = discovery.get_service_status()["default/vllm-a"].probe
+        return (probe.reason or "") if probe is not None else ""
+
+    pod.engine.mode = EngineMode.BLACKHOLE  # re-probes time out; the pod stays ready
+    wait_for(lambda: "keeping the models" in probe_reason(), 15, probe_reason)
+    assert service_urls(discovery) == [url]
+    pod.engine.mode = EngineMode.GARBAGE  # an answer that says the engine is broken
+    wait_reason(discovery, "default/vllm-a", lambda r: "invalid JSON" in r, timeout=15)
+    assert service_urls(discovery) == []
+    pod.engine.mode = EngineMode.OK
+    wait_converged(discovery, cluster, timeout=15)
+
+
 def test_garbage_models_answer_makes_service_unroutable_until_fixed(cluster, make_discovery):
     cluster.add_service("vllm-a")
     cluster.add_service("vllm-b")
