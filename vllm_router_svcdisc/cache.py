@@ -153,7 +153,10 @@ class DiscoveryCache:
             for change in changes:
                 old = self._slices.pop(change.key, None)
                 if old is not None:
-                    self._slices_by_service.get(old.service_key, set()).discard(change.key)
+                    siblings = self._slices_by_service.get(old.service_key, set())
+                    siblings.discard(change.key)
+                    if not siblings:  # no empty sets left behind by deleted Services
+                        self._slices_by_service.pop(old.service_key, None)
                     touched.add(old.service_key)
                 if change.type == DELETED:
                     continue

@@ -324,6 +324,7 @@ class SimCluster:
         timer = threading.Timer(endpoint_delay, self._finish_if_present, args=(pod,))
         timer.daemon = True
         with self._lock:
+            self._timers = [t for t in self._timers if t.is_alive()]  # forget fired ones
             self._timers.append(timer)
         timer.start()
 
