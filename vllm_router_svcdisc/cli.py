@@ -1,6 +1,7 @@
 """``vllm-svcdisc``: watch a real cluster, or run the demo on the embedded simulated one.
 
-Exit codes: 0 ok, 1 could not sync (the reason is printed), 2 bad arguments.
+Exit codes: 0 ok, 1 could not sync (the reason is printed), 2 bad arguments (or a metrics
+port that cannot be served), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -149,10 +150,15 @@ def cmd_watch(args: argparse.Namespace, stream: TextIO) -> int:
                                     port=_parse_port(args.port),
                                     cluster_domain=args.cluster_domain, api_client=api_client)
     scraper = EngineStatsScraper(discovery, scrape_interval=args.scrape_interval)
-    if args.metrics_port is not None:
-        register_metrics(discovery, scraper)
-        serve_metrics(args.metrics_port)
     try:
+        if args.metrics_port is not None:
+            register_metrics(discovery, scraper)
+            try:
+                serve_metrics(args.metrics_port)
+            except OSError as exc:
+                print(f"error: cannot serve metrics on port {args.metrics_port}: {exc}",
+                      file=sys.stderr)
+                return EXIT_USAGE
         reason = _wait_for_sync(discovery, args.sync_timeout, sys.stderr)
         if reason is not None:
             print(f"error: could not sync: {reason}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Socket timeouts bound each read, not the request: an engine that trickles its status line,
 headers or body a byte at a time (slow loris) never trips them.  Connections made by sessions
-from :func:`mount_deadline_adapter` wrap their socket so that, inside :func:`deadline_scope`,
+mounted with :class:`DeadlineAdapter` wrap their socket so that, inside :func:`deadline_scope`,
 each read waits at most until the deadline and then fails with ``TimeoutError``.  No extra
 thread; outside a scope the socket behaves as usual.
 """

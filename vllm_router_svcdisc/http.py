@@ -80,7 +80,8 @@ def _fetch(session: requests.Session, url: str, headers: Mapping[str, str] | Non
         # trickled bytes too (iter_content would wait for a full chunk).
         read = getattr(response.raw, "read1", None) or response.raw.read
         try:
-            while chunk := read(65536, decode_content=True):
+            # identity was asked for: a body compressed anyway is not inflated (no bombs)
+            while chunk := read(65536, decode_content=False):
                 size += len(chunk)
                 if size > max_bytes:
                     raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",

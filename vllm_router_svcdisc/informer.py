@@ -267,9 +267,11 @@ class Informer:
 
     def _list_and_watch(self) -> None:
         """One reflector cycle; raises on any failure so tenacity backs off and retries."""
+        listing = self._need_list
         try:
-            if self._need_list:
+            if listing:
                 self._list()
+                listing = False
             while not self._stop.is_set():
                 self._watch()
         except _Expired:
@@ -279,8 +281,11 @@ class Informer:
             if self._stop.is_set():
                 return
             if isinstance(exc, ApiError) and exc.status == 410:
+                # An HTTP 410 (a LIST at a compacted RV, or a watch refused outright) is the
+                # same routine expiry as the ERROR event: re-list, from "" if LIST said so.
                 self._need_list = True
-                self._list_rv_unavailable = True
+                self._list_rv_unavailable = listing
+                raise _Expired(exc.message) from exc
             self._note_failure()
             raise
 

@@ -171,6 +171,11 @@ class EngineStatsScraper:
         """Per-pod stats keyed by ``http://<pod ip>:<pod port>``."""
         return self._snapshot.by_pod
 
+    @property
+    def stale_age(self) -> float:
+        """A pod's stats older than this come from an earlier scrape than the last one due."""
+        return 2 * self.scrape_interval + self.timeout
+
     def telemetry(self) -> ScrapeTelemetry:
         """Scrape durations and failures by cause (read by ``telemetry.DiscoveryCollector``)."""
         return self._telemetry
@@ -374,7 +379,6 @@ class EngineStatsScraper:
     def _publish(self) -> None:
         """Aggregate the cached readings per Service and swap the snapshot in."""
         now = time.monotonic()
-        stale_after_age = 2 * self.scrape_interval + self.timeout
         by_service: dict[str, dict[str, PodReading]] = {}
         counts: dict[str, tuple[int, int]] = {}  # service -> (stale, failed)
         by_pod: dict[str, EngineStats] = {}
@@ -388,7 +392,7 @@ class EngineStatsScraper:
                 if reading is not None:
                     by_service.setdefault(service, {})[url] = reading
                     by_pod[url] = reading.stats
-                    stale += now - reading.stats.sample_time > stale_after_age
+                    stale += now - reading.stats.sample_time > self.stale_age
                 counts[service] = (stale, failed)
         services: dict[str, EngineStats] = {}
         for service, readings in by_service.items():

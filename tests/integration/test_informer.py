@@ -197,6 +197,21 @@ def test_repeated_expiry_relists_promptly_without_growing_backoff(cluster, start
     assert status.last_error is None
 
 
+def test_http_410_on_the_relist_is_routine_and_relists_from_scratch(cluster, start_informer):
+    slow_backoff = dataclasses.replace(FAST_INFORMER, backoff_initial=60, backoff_cap=60)
+    informer, recorder = start_informer(config=slow_backoff)
+    cluster.api.put("services", service("a"))
+    wait_for(converged(recorder, cluster), 5, mismatch(recorder, cluster))
+    cluster.api.fail_next(1, 410, verb="watch")  # the re-watch is expired (ERROR event) ...
+    cluster.api.fail_next(1, 410, verb="list")   # ... and so is the re-LIST at the last RV
+    cluster.api.cut_watches()
+    cluster.api.put("services", service("b"))
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    status = informer.status()
+    assert status.last_error is None and status.relists_by_cause.get("expired", 0) >= 2
+    assert counts(cluster, "list") >= 3  # first LIST, the expired one, the one from ""
+
+
 def test_bookmarks_advance_the_resource_version_without_events(cluster, start_informer):
     cluster.api.put("services", service("a"))
     informer, recorder = start_informer()

@@ -150,3 +150,16 @@ def test_cli_watch_exits_1_naming_rbac_when_forbidden(cluster, tmp_path, capsys)
                      "--once", "--sync-timeout", "5"])
     assert code == cli.EXIT_NO_SYNC
     assert "403" in capsys.readouterr().err
+
+
+def test_cli_watch_with_a_taken_metrics_port_exits_2(cluster, tmp_path, capsys) -> None:
+    import socket
+
+    taken = socket.create_server(("0.0.0.0", 0))
+    try:
+        code = cli.main(["watch", "--kubeconfig", str(_kubeconfig(tmp_path, cluster.api.url)),
+                         "--once", "--metrics-port", str(taken.getsockname()[1])])
+    finally:
+        taken.close()
+    assert code == cli.EXIT_USAGE
+    assert "cannot serve metrics" in capsys.readouterr().err
