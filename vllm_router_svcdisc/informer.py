@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -224,26 +225,29 @@ class Informer:
     # -- the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(self._retryable),
+            wait=_ReflectorBackoff(self),
+            stop=self._stop_requested,
+            sleep=self._pause,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
         try:
-            while not self._stop.is_set():
-                retrying = tenacity.Retrying(
-                    retry=tenacity.retry_if_exception(self._retryable),
-                    wait=_ReflectorBackoff(self),
-                    stop=self._stop_requested,
-                    sleep=self._pause,
-                    before_sleep=self._before_sleep,
-                    reraise=True,
-                )
-                try:
-                    retrying(self._list_and_watch)
-                except tenacity.TryAgain:  # pragma: no cover - not raised by our code
-                    continue
-        except BaseException as exc:  # the thread must never die silently
-            log.exception("informer %s stopped by an unexpected error", self.resource)
-            self._record_error(f"informer thread crashed: {exc!r}")
-            raise
+            retrying(self._list_and_watch)  # returns only once stopped
+        except Exception:
+            if not self._stop.is_set():  # stopping mid-retry re-raises the last error: fine
+                self._crash()
+        except BaseException:
+            self._crash()
         finally:
             self._abort_response()
+
+    def _crash(self) -> None:
+        """The thread must never die silently: log it and make health say so."""
+        exc = sys.exc_info()[1]
+        log.exception("informer %s stopped by an unexpected error", self.resource)
+        self._record_error(f"informer thread crashed: {exc!r}")
 
     def _stop_requested(self, _state: RetryCallState) -> bool:
         return self._stop.is_set()

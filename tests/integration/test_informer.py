@@ -382,3 +382,13 @@ def test_a_raising_handler_does_not_kill_the_thread(cluster, start_informer):
     assert status.alive
     assert status.last_error is None
     assert status.lists == 1
+
+
+def test_stopping_while_backing_off_is_quiet(cluster, start_informer, caplog):
+    informer, _recorder = start_informer()
+    cluster.api.fail_for(30, 500)
+    cluster.api.cut_watches()
+    wait_for(lambda: informer.status().last_error is not None, 5, "no failure seen")
+    assert informer.stop(2.0)
+    assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    cluster.api.clear_faults()
