@@ -207,18 +207,21 @@ class DiscoveryCache:
         """Rebuild the views of ``keys`` and publish; returns probes to schedule and keys gone."""
         targets: list[ProbeTarget] = []
         gone: list[str] = []
+        changed = False
         now = time.time()
         for key in keys:
             old = self._views.get(key)
             record = self._services.get(key)
-            if record is None:
+            if record is None:  # deleted, or slices of a Service the selector does not match
                 if old is not None:
                     del self._views[key]
                     gone.append(key)
+                    changed = True
                 self._probes.pop(key, None)
                 self._added.pop(key, None)
                 self._logged_reason.pop(key, None)
                 continue
+            changed = True
             view = self._build_view(record, now)
             self._views[key] = view
             self._log_reason_change(view)
@@ -226,7 +229,8 @@ class DiscoveryCache:
                 before = (old.url, _ready_ips(old)) if old is not None else None
                 if before != (view.url, _ready_ips(view)):
                     targets.append((key, view.url, _ready_ips(view)))
-        self._publish()
+        if changed:
+            self._publish()
         return targets, gone
 
     def _build_view(self, record: ServiceRecord, now: float) -> ServiceView:
