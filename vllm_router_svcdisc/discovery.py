@@ -7,6 +7,7 @@ cache's current snapshot and does no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -135,14 +136,13 @@ class K8sServiceDiscovery:
         self.unhealthy_after = unhealthy_after
         informer_config = informer_config or InformerConfig()
         if watcher_timeout_seconds:
-            informer_config = InformerConfig(**{
-                **informer_config.__dict__,
-                "watch_timeout_range": (watcher_timeout_seconds, watcher_timeout_seconds + 1),
-            })
+            informer_config = dataclasses.replace(
+                informer_config,
+                watch_timeout_range=(watcher_timeout_seconds, watcher_timeout_seconds + 1))
         probe_config = probe_config or ProbeConfig()
         if health_check_timeout_seconds:
-            probe_config = ProbeConfig(**{**probe_config.__dict__,
-                                          "timeout": float(health_check_timeout_seconds)})
+            probe_config = dataclasses.replace(probe_config,
+                                               timeout=float(health_check_timeout_seconds))
         self._api_client = api_client if api_client is not None else load_api_client()
         self._prober = ModelProber(self._record_probe, config=probe_config, api_key=api_key)
         self._cache = DiscoveryCache(port=port, cluster_domain=cluster_domain,
