@@ -163,3 +163,14 @@ def test_cli_watch_with_a_taken_metrics_port_exits_2(cluster, tmp_path, capsys) 
         taken.close()
     assert code == cli.EXIT_USAGE
     assert "cannot serve metrics" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_points_run_the_cli() -> None:
+    import subprocess
+    import sys
+
+    for module in ("vllm_router_svcdisc", "vllm_router_svcdisc.sim"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "usage:" in done.stdout
