@@ -1,7 +1,9 @@
 """Kubernetes Service discovery and per-pod load for vLLM routers."""
 
 from .discovery import K8sServiceDiscovery
+from .scraper import EngineStatsScraper
 from .types import EndpointInfo, EngineStats, ModelInfo
 
-__all__ = ["EndpointInfo", "EngineStats", "K8sServiceDiscovery", "ModelInfo"]
+__all__ = ["EndpointInfo", "EngineStats", "EngineStatsScraper", "K8sServiceDiscovery",
+           "ModelInfo"]
 __version__ = "0.1.0"
