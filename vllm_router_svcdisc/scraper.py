@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -119,6 +119,11 @@ class EngineStatsScraper:
     most a quarter of the workers, so black-holed engines cannot starve healthy ones;
     ``keepalive_hosts`` is how many pods keep an idle connection between scrapes (one file
     descriptor each).
+
+    ``discovery_provider`` (instead of ``discovery``) is called at every cycle and returns the
+    discovery to follow, or None for none: a host that swaps its discovery singleton (as
+    production-stack's ``reconfigure_service_discovery`` does) needs no new scraper, and the
+    closed discovery is never read again.
     """
 
     def __init__(
@@ -133,10 +138,13 @@ class EngineStatsScraper:
         attempts: int = 2,
         keepalive_hosts: int = 1024,
         session: requests.Session | None = None,
+        discovery_provider: Callable[[], Any] | None = None,
     ) -> None:
         if scrape_interval <= 0 or timeout <= 0 or workers < 1 or attempts < 1:
             raise ValueError("scrape_interval and timeout must be > 0, workers and attempts >= 1")
-        self.discovery = discovery
+        if (discovery is None) == (discovery_provider is None):
+            raise ValueError("pass either a discovery or a discovery_provider")
+        self._discovery_of: Callable[[], Any] = discovery_provider or (lambda: discovery)
         self.scrape_interval = float(scrape_interval)
         self.timeout = float(timeout)
         self.stale_after = stale_after or max(3 * self.scrape_interval,
@@ -157,6 +165,11 @@ class EngineStatsScraper:
         self._telemetry = ScrapeTelemetry()
         self._thread = threading.Thread(target=self._run, name="svcdisc-scraper", daemon=True)
         self._thread.start()
+
+    @property
+    def discovery(self) -> Any:
+        """The discovery scraped now (the provider's current answer)."""
+        return self._discovery_of()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -211,7 +224,8 @@ class EngineStatsScraper:
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
-                snapshot = self.discovery.get_snapshot()
+                discovery = self.discovery
+                snapshot = discovery.get_snapshot() if discovery is not None else None
                 tick = now >= next_tick
                 removed = False
                 if tick or snapshot is not seen:
@@ -238,7 +252,7 @@ class EngineStatsScraper:
 
     def _targets(self, snapshot: Any) -> dict[str, ScrapeTarget]:
         targets: dict[str, ScrapeTarget] = {}
-        for view in snapshot.services.values():
+        for view in snapshot.services.values() if snapshot is not None else ():
             if view.url is None:
                 continue
             for pod in view.pods:

@@ -7,7 +7,7 @@ scrapes, so nothing is instrumented on the hot paths and nothing can drift out o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
@@ -26,24 +26,34 @@ if TYPE_CHECKING:
 PREFIX = "vllm_svcdisc"
 
 
-class DiscoveryCollector(Collector):
-    """Exposes ``vllm_svcdisc_*`` metrics for one discovery (and optionally its scraper)."""
+Sources = Callable[[], "tuple[K8sServiceDiscovery | None, EngineStatsScraper | None]"]
 
-    def __init__(self, discovery: K8sServiceDiscovery,
-                 scraper: EngineStatsScraper | None = None) -> None:
-        self._discovery = discovery
-        self._scraper = scraper
+
+class DiscoveryCollector(Collector):
+    """Exposes ``vllm_svcdisc_*`` metrics for one discovery (and optionally its scraper).
+
+    ``sources`` (instead of the two objects) is called at each scrape and returns the current
+    discovery and scraper (either may be None): registered once, the collector stays right
+    when its host replaces them.
+    """
+
+    def __init__(self, discovery: K8sServiceDiscovery | None = None,
+                 scraper: EngineStatsScraper | None = None, *,
+                 sources: Sources | None = None) -> None:
+        self._sources: Sources = sources or (lambda: (discovery, scraper))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily; describing would require a full collect
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._informer_metrics()
-        yield from self._cache_metrics()
-        if self._scraper is not None:
-            yield from self._scrape_metrics(self._scraper)
+        discovery, scraper = self._sources()
+        if discovery is not None:
+            yield from self._informer_metrics(discovery)
+            yield from self._cache_metrics(discovery)
+        if scraper is not None:
+            yield from self._scrape_metrics(scraper)
 
-    def _informer_metrics(self) -> Iterator[Metric]:
+    def _informer_metrics(self, discovery: K8sServiceDiscovery) -> Iterator[Metric]:
         now = time.monotonic()
         synced = GaugeMetricFamily(f"{PREFIX}_informer_synced",
                                    "1 once the informer applied its first LIST.",
@@ -70,7 +80,7 @@ class DiscoveryCollector(Collector):
         since_bookmark = GaugeMetricFamily(f"{PREFIX}_informer_seconds_since_last_bookmark",
                                            "Seconds since the last BOOKMARK event.",
                                            labels=["resource"])
-        for status in self._discovery.informer_status():
+        for status in discovery.informer_status():
             resource = status.resource
             synced.add_metric([resource], float(status.synced))
             auth.add_metric([resource], float(status.auth_error is not None))
@@ -88,21 +98,21 @@ class DiscoveryCollector(Collector):
         yield from (synced, auth, events, lists, relists, watches, malformed, since_event,
                     since_bookmark)
 
-    def _cache_metrics(self) -> Iterator[Metric]:
-        snapshot = self._discovery.get_snapshot()
+    def _cache_metrics(self, discovery: K8sServiceDiscovery) -> Iterator[Metric]:
+        snapshot = discovery.get_snapshot()
         views = snapshot.services.values()
         yield _gauge("services", "Services matching the selector.", len(snapshot.services))
         yield _gauge("routable_services", "Services with ready pods and known models.",
                      len(snapshot.endpoint_infos))
         yield _gauge("ready_pods", "Ready, non-terminating endpoints behind selected Services.",
                      sum(len(v.ready_pods) for v in views))
-        probes, failures = self._discovery.probe_counts()
+        probes, failures = discovery.probe_counts()
         yield CounterMetricFamily(f"{PREFIX}_model_probes", "Model probes (/v1/models) done.",
                                   value=probes)
         yield CounterMetricFamily(f"{PREFIX}_model_probe_failures", "Model probes that failed.",
                                   value=failures)
         health = GaugeMetricFamily(f"{PREFIX}_healthy", "1 when get_health() is true.")
-        health.add_metric([], float(self._discovery.get_health()))
+        health.add_metric([], float(discovery.get_health()))
         yield health
 
     def _scrape_metrics(self, scraper: EngineStatsScraper) -> Iterator[Metric]:
