@@ -1,9 +1,9 @@
 """A whole-request deadline for engine HTTP calls, enforced on every socket read.
 
 Socket timeouts bound each read, not the request: an engine that trickles its status line,
-headers or body a byte at a time (slow loris) never trips them.  Connections made by sessions
-mounted with :class:`DeadlineAdapter` wrap their socket so that, inside :func:`deadline_scope`,
-each read waits at most until the deadline and then fails with ``TimeoutError``.  No extra
+headers or body a byte at a time (slow loris) never trips them.  Connections made by a
+:class:`DeadlinePoolManager` wrap their socket so that, inside :func:`deadline_scope`, each
+read waits at most until the deadline and then fails with ``TimeoutError``.  No extra
 thread; outside a scope the socket behaves as usual.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import requests
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
 
 _scope = threading.local()
 
@@ -105,12 +105,12 @@ class _DeadlineHTTPSConnectionPool(HTTPSConnectionPool):
     ConnectionCls = _DeadlineHTTPSConnection
 
 
-class DeadlineAdapter(requests.adapters.HTTPAdapter):
-    """An HTTPAdapter whose connections honour :func:`deadline_scope`."""
+class DeadlinePoolManager(PoolManager):
+    """A urllib3 PoolManager whose connections honour :func:`deadline_scope`."""
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool_classes_by_scheme = {
             "http": _DeadlineHTTPConnectionPool,
             "https": _DeadlineHTTPSConnectionPool,
         }

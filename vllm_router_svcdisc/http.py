@@ -2,17 +2,30 @@
 
 Shared by the model prober and the metrics scraper so both treat engines the same way: an
 engine's answer is never trusted to be small, fast or to point elsewhere.
+
+It runs on urllib3 directly (what ``requests`` is built on): a ``requests.Session.get`` spends
+more CPU preparing, merging settings and running hooks than urllib3 spends on the whole
+exchange, and the scraper makes a thousand of these calls a second (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-import requests
 import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationParseError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
-from .deadline import DeadlineAdapter, deadline_scope
+from .deadline import DeadlinePoolManager, deadline_scope
 
 
 class HttpFetchError(Exception):
@@ -29,8 +42,48 @@ class HttpFetchError(Exception):
         self.cause = cause
 
 
+class EnginePool:
+    """Keep-alive connections to engines: ``pool_size`` per host, for up to ``hosts`` hosts.
+
+    No proxy is ever used (urllib3 reads no environment), nothing is retried or redirected,
+    and every connection honours the whole-request deadline of :func:`fetch`.
+    """
+
+    def __init__(self, pool_size: int, hosts: int | None = None) -> None:
+        self._manager = DeadlinePoolManager(num_pools=hosts or pool_size, maxsize=pool_size,
+                                            block=False, retries=False)
+
+    def drop_hosts(self, urls: Iterable[str]) -> None:
+        """Close the idle connections to these URLs' hosts (pods that left the endpoints).
+
+        Otherwise each keeps a socket open until ``hosts`` newer pods push it out, and churn
+        leaks descriptors.
+        """
+        hosts = set()
+        for url in urls:
+            with contextlib.suppress(LocationParseError):
+                parsed = urllib3.util.parse_url(url)
+                hosts.add((parsed.scheme, (parsed.host or "").lower(), parsed.port))
+        pools = self._manager.pools
+        keys = pools.keys()  # a locked copy: the container refuses plain iteration
+        for key in keys:
+            if (key.key_scheme, key.key_host, key.key_port) in hosts:
+                with contextlib.suppress(KeyError):
+                    del pools[key]  # disposing a pool closes its idle connections
+
+    def close(self) -> None:
+        self._manager.clear()
+
+    def _get(self, url: str, headers: Mapping[str, str],
+             timeout: float | tuple[float, float]) -> urllib3.BaseHTTPResponse:
+        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        return self._manager.request(
+            "GET", url, headers=dict(headers), timeout=urllib3.Timeout(connect=connect, read=read),
+            redirect=False, retries=False, preload_content=False, decode_content=False)
+
+
 def fetch(
-    session: requests.Session,
+    pool: EnginePool,
     url: str,
     *,
     headers: Mapping[str, str] | None = None,
@@ -39,91 +92,78 @@ def fetch(
 ) -> tuple[int, bytes]:
     """GET ``url``; returns (status, body).  Bodies over ``max_bytes`` are refused unread.
 
-    ``timeout`` also bounds the whole exchange — status line, headers and body — on sessions
-    from :func:`pooled_session`, so an engine trickling bytes (slow loris) cannot hold a
-    worker longer than a silent one.
+    ``timeout`` also bounds the whole exchange — status line, headers and body — so an engine
+    trickling bytes (slow loris) cannot hold a worker longer than a silent one.
     """
     budget = timeout if isinstance(timeout, int | float) else sum(timeout)
     deadline = time.monotonic() + budget
+    # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
+    request_headers = {"Accept-Encoding": "identity", **(headers or {})}
     with deadline_scope(deadline):
-        return _fetch(session, url, headers, timeout, max_bytes, deadline)
-
-
-def _fetch(session: requests.Session, url: str, headers: Mapping[str, str] | None,
-           timeout: float | tuple[float, float], max_bytes: int,
-           deadline: float) -> tuple[int, bytes]:
-    try:
-        # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
-        response = session.get(url, headers={"Accept-Encoding": "identity", **(headers or {})},
-                               timeout=timeout, allow_redirects=False, stream=True)
-    except requests.exceptions.ConnectionError as exc:
-        reason = _connection_reason(exc)
-        cause = "dns" if reason.startswith("DNS") else "connection"
-        raise HttpFetchError(reason, transient=cause == "connection", cause=cause) from None
-    except requests.exceptions.Timeout:
-        raise HttpFetchError("timed out", transient=False, cause="timeout") from None
-    except requests.exceptions.RequestException as exc:
-        raise HttpFetchError(f"request failed: {exc.__class__.__name__}",
-                             transient=False) from None
-    with response:
-        if 300 <= response.status_code < 400:
-            raise HttpFetchError(f"HTTP {response.status_code} redirect refused "
-                                 "(redirects are never followed)", transient=False,
-                                 cause="redirect")
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise HttpFetchError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
-                                 transient=False, cause="oversize")
-        chunks: list[bytes] = []
-        size = 0
-        # read1 returns whatever one socket read brings, so the deadline is checked between
-        # trickled bytes too (iter_content would wait for a full chunk).
-        read = getattr(response.raw, "read1", None) or response.raw.read
         try:
-            # identity was asked for: a body compressed anyway is not inflated (no bombs)
-            while chunk := read(65536, decode_content=False):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",
-                                         transient=False, cause="oversize")
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise HttpFetchError("timed out reading the body", transient=False,
-                                         cause="timeout")
-        except HttpFetchError:
-            raise
-        except (TimeoutError, urllib3.exceptions.TimeoutError):
-            raise HttpFetchError("timed out reading the body", transient=False,
-                                 cause="timeout") from None
-        except Exception as exc:  # urllib3 and socket errors of a broken body
-            raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
-                                 transient=False, cause="connection") from None
-        return response.status_code, b"".join(chunks)
+            response = pool._get(url, request_headers, timeout)
+        # urllib3 derives its connection errors from ConnectTimeoutError: subclasses first
+        except NameResolutionError:
+            raise HttpFetchError("DNS name does not resolve", transient=False,
+                                 cause="dns") from None
+        except (NewConnectionError, ProtocolError) as exc:
+            raise HttpFetchError(_connection_reason(exc), transient=True,
+                                 cause="connection") from None
+        except (ConnectTimeoutError, ReadTimeoutError, TimeoutError):
+            raise HttpFetchError("timed out", transient=False, cause="timeout") from None
+        except (HTTPError, LocationParseError, ValueError) as exc:
+            raise HttpFetchError(f"request failed: {exc.__class__.__name__}",
+                                 transient=False) from None
+        try:
+            return response.status, _read_body(response, max_bytes, deadline)
+        finally:
+            response.release_conn()
 
 
-def _connection_reason(exc: requests.exceptions.ConnectionError) -> str:
+def _read_body(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float) -> bytes:
+    if 300 <= response.status < 400:
+        response.drain_conn()
+        raise HttpFetchError(f"HTTP {response.status} redirect refused "
+                             "(redirects are never followed)", transient=False, cause="redirect")
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        response.close()  # never read: the connection is not reused
+        raise HttpFetchError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
+                             transient=False, cause="oversize")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        # read1 returns whatever one socket read brings, so the deadline is checked between
+        # trickled bytes too; identity was asked for, so a body compressed anyway is not
+        # inflated (no bombs)
+        while chunk := response.read1(65536, decode_content=False):
+            size += len(chunk)
+            if size > max_bytes:
+                response.close()
+                raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",
+                                     transient=False, cause="oversize")
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                response.close()
+                raise HttpFetchError("timed out reading the body", transient=False,
+                                     cause="timeout")
+    except HttpFetchError:
+        raise
+    except (TimeoutError, ReadTimeoutError):
+        response.close()
+        raise HttpFetchError("timed out reading the body", transient=False,
+                             cause="timeout") from None
+    except Exception as exc:  # urllib3 and socket errors of a broken body
+        response.close()
+        raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
+                             transient=False, cause="connection") from None
+    return b"".join(chunks)
+
+
+def _connection_reason(exc: Exception) -> str:
     text = str(exc)
-    if "NameResolution" in text or "Name or service not known" in text \
-            or "nodename nor servname" in text or "Failed to resolve" in text:
-        return "DNS name does not resolve"
     if "Connection refused" in text:
         return "connection refused"
-    if "timed out" in text or "Timeout" in text:
-        return "connect timed out"
+    if "reset" in text.lower():
+        return "connection reset"
     return "connection failed"
-
-
-def pooled_session(pool_size: int, hosts: int | None = None) -> requests.Session:
-    """A Session whose pools fit the workers using it: ``pool_size`` connections per host,
-    kept for up to ``hosts`` hosts (default ``pool_size``) so keep-alive survives a cycle.
-
-    ``trust_env`` is off: a proxy configured for the router's outbound traffic must not sit
-    between it and in-cluster engines.
-    """
-    session = requests.Session()
-    adapter = DeadlineAdapter(pool_connections=hosts or pool_size, pool_maxsize=pool_size,
-                              max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.trust_env = False
-    return session

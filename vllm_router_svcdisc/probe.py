@@ -18,11 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import requests
 import tenacity
 
 from .cache import ModelProbe, ProbeTarget
-from .http import HttpFetchError, fetch, pooled_session
+from .http import EnginePool, HttpFetchError, fetch
 from .types import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def parse_model_list(data: Any) -> dict[str, ModelInfo]:
     return models
 
 
-def fetch_models(session: requests.Session, url: str, api_key: str | None,
+def fetch_models(session: EnginePool, url: str, api_key: str | None,
                  config: ProbeConfig) -> dict[str, ModelInfo]:
     """Fetch and parse ``<url>/v1/models`` with bounded tenacity retries on transient errors."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -124,12 +123,12 @@ class ModelProber:
         *,
         config: ProbeConfig | None = None,
         api_key: str | None = None,
-        session: requests.Session | None = None,
+        session: EnginePool | None = None,
     ) -> None:
         self.config = config or ProbeConfig()
         self._record = record
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        self._session = session or pooled_session(self.config.workers)
+        self._session = session or EnginePool(self.config.workers)
         self._due: dict[str, _Due] = {}
         self._cond = threading.Condition()
         self._stop = False

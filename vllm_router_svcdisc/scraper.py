@@ -9,7 +9,6 @@ that leaves the endpoints is dropped at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import threading
@@ -20,12 +19,10 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-import requests
 import tenacity
-import urllib3
 from cachetools import TTLCache
 
-from .http import HttpFetchError, fetch, pooled_session
+from .http import EnginePool, HttpFetchError, fetch
 from .types import EngineStats, PodEndpoint
 from .vllm_metrics import (
     MetricsParseError,
@@ -132,7 +129,7 @@ class EngineStatsScraper:
         max_bytes: int = MAX_METRICS_BYTES,
         attempts: int = 2,
         keepalive_hosts: int = 1024,
-        session: requests.Session | None = None,
+        session: EnginePool | None = None,
     ) -> None:
         if scrape_interval <= 0 or timeout <= 0 or workers < 1 or attempts < 1:
             raise ValueError("scrape_interval and timeout must be > 0, workers and attempts >= 1")
@@ -143,7 +140,7 @@ class EngineStatsScraper:
                                               self.timeout + self.scrape_interval)
         self.max_bytes = max_bytes
         self.attempts = attempts
-        self._session = session or pooled_session(2, hosts=keepalive_hosts)
+        self._session = session or EnginePool(2, hosts=keepalive_hosts)
         self._failing_slots = max(1, workers // 4)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="svcdisc-scrape")
         self._lock = threading.Lock()
@@ -280,31 +277,9 @@ class EngineStatsScraper:
                 self._pool.submit(self._scrape, state)
             except RuntimeError:  # pool shut down: closing
                 break
-        self._drop_connections(gone)
+        if gone:
+            self._session.drop_hosts(gone)
         return bool(gone)
-
-    def _drop_connections(self, urls: list[str]) -> None:
-        """Close the keep-alive connections to pods that left: otherwise each keeps a socket
-        open until ``keepalive_hosts`` newer pods push it out, and churn leaks descriptors."""
-        if not urls:
-            return
-        hosts = set()
-        for url in urls:
-            with contextlib.suppress(ValueError):
-                parsed = urllib3.util.parse_url(url)
-                hosts.add((parsed.scheme, (parsed.host or "").lower(), parsed.port))
-        for prefix in ("http://", "https://"):
-            manager = getattr(self._session.adapters.get(prefix), "poolmanager", None)
-            pools = getattr(manager, "pools", None)
-            if pools is None:
-                continue
-            keys = pools.keys()  # a locked copy: the container refuses plain iteration
-            for key in keys:
-                pool_host = (getattr(key, "key_scheme", None), getattr(key, "key_host", None),
-                             getattr(key, "key_port", None))
-                if pool_host in hosts:
-                    with contextlib.suppress(KeyError):
-                        del pools[key]  # disposing a pool closes its idle connections
 
     # -- a worker ----------------------------------------------------------------------------
 
