@@ -11,8 +11,9 @@ exchange, and the scraper makes a thousand of these calls a second (docs/benchma
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import urllib3
 from urllib3.exceptions import (
@@ -25,7 +26,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from .deadline import DeadlinePoolManager, deadline_scope
+from .deadline import DeadlinePoolManager, RequestScope, deadline_scope
 
 
 class HttpFetchError(Exception):
@@ -52,6 +53,9 @@ class EnginePool:
     def __init__(self, pool_size: int, hosts: int | None = None) -> None:
         self._manager = DeadlinePoolManager(num_pools=hosts or pool_size, maxsize=pool_size,
                                             block=False, retries=False)
+        self._lock = threading.Lock()
+        self._in_flight: set[RequestScope] = set()
+        self.closed = False
 
     def drop_hosts(self, urls: Iterable[str]) -> None:
         """Close the idle connections to these URLs' hosts (pods that left the endpoints).
@@ -72,7 +76,30 @@ class EnginePool:
                     del pools[key]  # disposing a pool closes its idle connections
 
     def close(self) -> None:
+        """Refuse new requests and abort the ones in flight, so no worker waits on an engine.
+
+        A request blocked reading (a black-holed engine) fails at once; one still connecting
+        ends within its connect timeout.
+        """
+        with self._lock:
+            self.closed = True
+            in_flight = list(self._in_flight)
+        for scope in in_flight:
+            scope.abort()
         self._manager.clear()
+
+    @contextlib.contextmanager
+    def _request(self, deadline: float) -> Iterator[RequestScope]:
+        with deadline_scope(deadline) as scope:
+            with self._lock:
+                if self.closed:
+                    raise HttpFetchError("the connection pool is closed", transient=False)
+                self._in_flight.add(scope)
+            try:
+                yield scope
+            finally:
+                with self._lock:
+                    self._in_flight.discard(scope)
 
     def _get(self, url: str, headers: Mapping[str, str],
              timeout: float | tuple[float, float]) -> urllib3.BaseHTTPResponse:
@@ -99,7 +126,7 @@ def fetch(
     deadline = time.monotonic() + budget
     # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
     request_headers = {"Accept-Encoding": "identity", **(headers or {})}
-    with deadline_scope(deadline):
+    with pool._request(deadline):
         try:
             response = pool._get(url, request_headers, timeout)
         # urllib3 derives its connection errors from ConnectTimeoutError: subclasses first

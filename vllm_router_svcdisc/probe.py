@@ -14,7 +14,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ import tenacity
 from .cache import ModelProbe, ProbeTarget
 from .http import EnginePool, HttpFetchError, fetch
 from .types import ModelInfo
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def fetch_models(session: EnginePool, url: str, api_key: str | None,
         return parse_model_list(data)
 
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, ProbeError) and e.transient),
+        retry=tenacity.retry_if_exception(
+            lambda e: isinstance(e, ProbeError) and e.transient and not session.closed),
         stop=tenacity.stop_after_attempt(config.attempts),
         wait=tenacity.wait_exponential(multiplier=config.retry_wait, max=2.0),
         reraise=True,
@@ -132,7 +133,7 @@ class ModelProber:
         self._due: dict[str, _Due] = {}
         self._cond = threading.Condition()
         self._stop = False
-        self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="svcdisc-probe")
+        self._pool = WorkerPool(self.config.workers, "svcdisc-probe")
         self._thread = threading.Thread(target=self._run, name="svcdisc-prober", daemon=True)
         self._logged: dict[str, str | None] = {}
         self.probes_total = 0
@@ -163,13 +164,15 @@ class ModelProber:
             self._cond.notify()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the scheduler and every worker; probes in flight are aborted, not awaited."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
         self._session.close()
+        self._pool.close(deadline)
+        if self._thread.is_alive():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while True:
@@ -206,8 +209,8 @@ class ModelProber:
                                 time=time.monotonic())
         with self._cond:
             due = self._due.get(key)
-            if due is None:
-                return  # the Service went away while we probed
+            if due is None or self._stop:
+                return  # the Service went away while we probed, or we are closing
             due.in_flight = False
             self.probes_total += 1
             self.failures_total += not result.ok

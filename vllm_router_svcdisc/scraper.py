@@ -14,7 +14,6 @@ import random
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -32,6 +31,7 @@ from .vllm_metrics import (
     parse_metrics,
     pod_stats,
 )
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class EngineStatsScraper:
         self.attempts = attempts
         self._session = session or EnginePool(2, hosts=keepalive_hosts)
         self._failing_slots = max(1, workers // 4)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="svcdisc-scrape")
+        self._pool = WorkerPool(workers, "svcdisc-scrape")
         self._lock = threading.Lock()
         self._readings: TTLCache[str, PodReading] = TTLCache(
             maxsize=1_000_000, ttl=self.stale_after, timer=time.monotonic)
@@ -184,13 +184,14 @@ class EngineStatsScraper:
                 and time.monotonic() - last < 3 * self.scrape_interval + 1.0)
 
     def close(self) -> None:
-        """Stop the scheduler at once; in-flight requests end within ``timeout``."""
+        """Stop the scheduler and every worker; scrapes in flight are aborted, not awaited."""
+        deadline = time.monotonic() + 2.0
         self._stop.set()
         self._dirty.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._thread is not threading.current_thread():
-            self._thread.join(2.0)
         self._session.close()
+        self._pool.close(deadline)
+        if self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> EngineStatsScraper:
         return self

@@ -146,3 +146,26 @@ def test_dropping_a_host_closes_its_idle_keep_alive_connection(serve) -> None:
     assert fetch(pool, url, timeout=2, max_bytes=64) == (200, b"ok")
     pool.drop_hosts([url, "not a url at all://"])
     assert closed.wait(5)
+
+
+def test_closing_the_pool_aborts_a_request_blocked_on_a_silent_engine(serve) -> None:
+    url = serve(lambda _conn: None)  # reads the request, never answers
+    pool = EnginePool(1)
+    outcome: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            fetch(pool, url, timeout=30, max_bytes=64)
+        except HttpFetchError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=blocked)
+    worker.start()
+    wait = time.monotonic() + 5
+    while not pool._in_flight and time.monotonic() < wait:
+        time.sleep(0.01)
+    pool.close()
+    worker.join(5)
+    assert not worker.is_alive() and len(outcome) == 1
+    with pytest.raises(HttpFetchError, match="closed"):
+        fetch(pool, url, timeout=1, max_bytes=64)
