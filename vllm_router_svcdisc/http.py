@@ -29,18 +29,34 @@ from urllib3.exceptions import (
 from .deadline import DeadlinePoolManager, RequestScope, deadline_scope
 
 
-class HttpFetchError(Exception):
-    """The request failed; ``transient`` says whether an immediate retry may help.
+class EngineCallError(Exception):
+    """An engine call failed: the one exception of the prober's and the scraper's requests.
 
-    ``cause`` is a short, fixed word for metrics: dns, connection, timeout, redirect, oversize,
-    http (an unwanted status) or other.
+    ``reason`` is for people (never a credential or a body); ``cause`` a short fixed word for
+    metrics: dns, connection, timeout, redirect, oversize, http (an unwanted status), answer (a
+    200 whose content is wrong) or other; ``transient`` whether an immediate retry may help.
     """
 
-    def __init__(self, reason: str, *, transient: bool, cause: str = "other") -> None:
+    def __init__(self, reason: str, *, cause: str, transient: bool = False,
+                 status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.transient = transient
         self.cause = cause
+        self.transient = transient
+        self.status = status
+
+    @property
+    def unreachable(self) -> bool:
+        """No usable answer came (no connection, no reply, a 5xx), as opposed to a wrong one."""
+        return self.cause in ("dns", "connection", "timeout") or (
+            self.status is not None and self.status >= 500)
+
+
+def expect_ok(status: int, what: str) -> None:
+    """Anything but 200 fails the call; a 5xx is worth an immediate retry."""
+    if status != 200:
+        raise EngineCallError(f"{what} answered HTTP {status}", cause="http",
+                              transient=status >= 500, status=status)
 
 
 class EnginePool:
@@ -93,7 +109,7 @@ class EnginePool:
         with deadline_scope(deadline) as scope:
             with self._lock:
                 if self.closed:
-                    raise HttpFetchError("the connection pool is closed", transient=False)
+                    raise EngineCallError("the connection pool is closed", cause="other")
                 self._in_flight.add(scope)
             try:
                 yield scope
@@ -131,16 +147,15 @@ def fetch(
             response = pool._get(url, request_headers, timeout)
         # urllib3 derives its connection errors from ConnectTimeoutError: subclasses first
         except NameResolutionError:
-            raise HttpFetchError("DNS name does not resolve", transient=False,
-                                 cause="dns") from None
+            raise EngineCallError("DNS name does not resolve", cause="dns") from None
         except (NewConnectionError, ProtocolError) as exc:
-            raise HttpFetchError(_connection_reason(exc), transient=True,
-                                 cause="connection") from None
+            raise EngineCallError(_connection_reason(exc), cause="connection",
+                                  transient=True) from None
         except (ConnectTimeoutError, ReadTimeoutError, TimeoutError):
-            raise HttpFetchError("timed out", transient=False, cause="timeout") from None
+            raise EngineCallError("timed out", cause="timeout") from None
         except (HTTPError, LocationParseError, ValueError) as exc:
-            raise HttpFetchError(f"request failed: {exc.__class__.__name__}",
-                                 transient=False) from None
+            raise EngineCallError(f"request failed: {exc.__class__.__name__}",
+                                  cause="other") from None
         try:
             return response.status, _read_body(response, max_bytes, deadline)
         finally:
@@ -150,13 +165,13 @@ def fetch(
 def _read_body(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float) -> bytes:
     if 300 <= response.status < 400:
         response.drain_conn()
-        raise HttpFetchError(f"HTTP {response.status} redirect refused "
-                             "(redirects are never followed)", transient=False, cause="redirect")
+        raise EngineCallError(f"HTTP {response.status} redirect refused "
+                              "(redirects are never followed)", cause="redirect")
     declared = response.headers.get("Content-Length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         response.close()  # never read: the connection is not reused
-        raise HttpFetchError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
-                             transient=False, cause="oversize")
+        raise EngineCallError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
+                              cause="oversize")
     chunks: list[bytes] = []
     size = 0
     try:
@@ -167,30 +182,30 @@ def _read_body(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: flo
             size += len(chunk)
             if size > max_bytes:
                 response.close()
-                raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",
-                                     transient=False, cause="oversize")
+                raise EngineCallError(f"body exceeds the {max_bytes} byte cap",
+                                      cause="oversize")
             chunks.append(chunk)
             if time.monotonic() > deadline:
                 response.close()
-                raise HttpFetchError("timed out reading the body", transient=False,
-                                     cause="timeout")
-    except HttpFetchError:
+                raise EngineCallError("timed out reading the body", cause="timeout")
+    except EngineCallError:
         raise
     except (TimeoutError, ReadTimeoutError):
         response.close()
-        raise HttpFetchError("timed out reading the body", transient=False,
-                             cause="timeout") from None
+        raise EngineCallError("timed out reading the body", cause="timeout") from None
     except Exception as exc:  # urllib3 and socket errors of a broken body
         response.close()
-        raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
-                             transient=False, cause="connection") from None
+        raise EngineCallError(f"reading the body failed: {exc.__class__.__name__}",
+                              cause="connection") from None
     return b"".join(chunks)
 
 
 def _connection_reason(exc: Exception) -> str:
-    text = str(exc)
-    if "Connection refused" in text:
+    """Refused or reset, from the socket error urllib3 raised this from."""
+    cause = exc.__cause__ or exc.__context__
+    reason = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else cause
+    if isinstance(reason, ConnectionRefusedError):
         return "connection refused"
-    if "reset" in text.lower():
+    if isinstance(reason, ConnectionResetError):
         return "connection reset"
     return "connection failed"

@@ -20,7 +20,7 @@ from typing import Any
 import tenacity
 
 from .cache import ModelProbe, ProbeTarget
-from .http import EnginePool, HttpFetchError, fetch
+from .http import EngineCallError, EnginePool, expect_ok, fetch
 from .types import ModelInfo
 from .workers import WorkerPool
 
@@ -42,22 +42,12 @@ class ProbeConfig:
     workers: int = 8
 
 
-class ProbeError(Exception):
-    """A probe failed for a reason worth showing as is (never contains credentials)."""
-
-    def __init__(self, reason: str, *, transient: bool, unreachable: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.transient = transient
-        self.unreachable = unreachable
-
-
 def parse_model_list(data: Any) -> dict[str, ModelInfo]:
-    """``{"object": "list", "data": [cards]}`` → models by id; a wrong shape raises ProbeError."""
+    """``{"object": "list", "data": [cards]}`` → models by id; a wrong shape is an error."""
     cards = data.get("data") if isinstance(data, dict) else None
     if not isinstance(cards, list):
-        raise ProbeError("/v1/models answered an unexpected shape (no 'data' list)",
-                         transient=False)
+        raise EngineCallError("/v1/models answered an unexpected shape (no 'data' list)",
+                              cause="answer")
     models: dict[str, ModelInfo] = {}
     for card in cards:
         if not isinstance(card, dict):
@@ -76,30 +66,23 @@ def fetch_models(session: EnginePool, url: str, api_key: str | None,
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def attempt() -> dict[str, ModelInfo]:
-        try:
-            status, body = fetch(session, f"{url}/v1/models", headers=headers,
-                                 timeout=config.timeout, max_bytes=MAX_MODELS_BYTES)
-        except HttpFetchError as exc:
-            raise ProbeError(exc.reason, transient=exc.transient,
-                             unreachable=exc.cause in ("timeout", "connection", "dns")) from None
+        status, body = fetch(session, f"{url}/v1/models", headers=headers,
+                             timeout=config.timeout, max_bytes=MAX_MODELS_BYTES)
         if status == 401:
             hint = ("the key in VLLM_API_KEY was refused" if api_key
                     else f"set {API_KEY_ENV} to the engines' API key")
-            raise ProbeError(f"401 Unauthorized from /v1/models: {hint}", transient=False)
-        if status >= 500:
-            raise ProbeError(f"/v1/models answered HTTP {status}", transient=True,
-                             unreachable=True)
-        if status != 200:
-            raise ProbeError(f"/v1/models answered HTTP {status}", transient=False)
+            raise EngineCallError(f"401 Unauthorized from /v1/models: {hint}", cause="http",
+                                  status=401)
+        expect_ok(status, "/v1/models")
         try:
             data = json.loads(body)
         except ValueError:
-            raise ProbeError("/v1/models answered invalid JSON", transient=False) from None
+            raise EngineCallError("/v1/models answered invalid JSON", cause="answer") from None
         return parse_model_list(data)
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(
-            lambda e: isinstance(e, ProbeError) and e.transient and not session.closed),
+            lambda e: isinstance(e, EngineCallError) and e.transient and not session.closed),
         stop=tenacity.stop_after_attempt(config.attempts),
         wait=tenacity.wait_exponential(multiplier=config.retry_wait, max=2.0),
         reraise=True,
@@ -200,7 +183,7 @@ class ModelProber:
         try:
             models = fetch_models(self._session, url, self._api_key, self.config)
             result = ModelProbe(ok=True, models=models, time=time.monotonic())
-        except ProbeError as exc:
+        except EngineCallError as exc:
             result = ModelProbe(ok=False, reason=exc.reason, time=time.monotonic(),
                                 unreachable=exc.unreachable)
         except Exception as exc:  # a probe must never kill a worker silently

@@ -21,7 +21,7 @@ from typing import Any
 import tenacity
 from cachetools import TTLCache
 
-from .http import EnginePool, HttpFetchError, fetch
+from .http import EngineCallError, EnginePool, expect_ok, fetch
 from .types import EngineStats, PodEndpoint
 from .vllm_metrics import (
     MetricsParseError,
@@ -64,14 +64,6 @@ class _StatsSnapshot:
 
 
 _EMPTY = _StatsSnapshot(MappingProxyType({}), MappingProxyType({}), 0.0)
-
-
-class _Transient(Exception):
-    """A failure worth one quick retry (connection reset, 5xx)."""
-
-    def __init__(self, reason: str, cause: str) -> None:
-        super().__init__(reason)
-        self.cause = cause
 
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -291,8 +283,8 @@ class EngineStatsScraper:
         error = cause = None
         try:
             sample = self._fetch_sample(url)
-        except (HttpFetchError, _Transient) as exc:
-            error, cause = str(exc), exc.cause
+        except EngineCallError as exc:
+            error, cause = exc.reason, exc.cause
         except MetricsParseError as exc:
             error, cause = str(exc), "parse"
         except Exception as exc:  # a worker must never die with the pod marked in flight
@@ -324,21 +316,14 @@ class EngineStatsScraper:
 
     def _fetch_sample(self, url: str) -> PodSample:
         def attempt() -> PodSample:
-            try:
-                status, body = fetch(self._session, f"{url}/metrics", timeout=self.timeout,
-                                     max_bytes=self.max_bytes)
-            except HttpFetchError as exc:
-                if exc.transient:
-                    raise _Transient(exc.reason, exc.cause) from None
-                raise
-            if status >= 500:
-                raise _Transient(f"HTTP {status}", "http")
-            if status != 200:
-                raise HttpFetchError(f"HTTP {status}", transient=False, cause="http")
+            status, body = fetch(self._session, f"{url}/metrics", timeout=self.timeout,
+                                 max_bytes=self.max_bytes)
+            expect_ok(status, "/metrics")
             return parse_metrics_body(body)
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Transient),
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, EngineCallError) and e.transient),
             stop=(tenacity.stop_after_attempt(self.attempts)
                   | tenacity.stop_after_delay(self.timeout)),
             wait=tenacity.wait_fixed(0.05),

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from vllm_router_svcdisc.http import EnginePool, HttpFetchError, fetch
+from vllm_router_svcdisc.http import EngineCallError, EnginePool, fetch
 
 Respond = Callable[[socket.socket], None]
 
@@ -65,7 +65,7 @@ def test_a_trickled_body_is_cut_off_at_the_timeout(serve, framing: str) -> None:
     url = serve(respond)
     session = EnginePool(1)
     started = time.monotonic()
-    with pytest.raises(HttpFetchError) as error:
+    with pytest.raises(EngineCallError) as error:
         fetch(session, url, timeout=0.5, max_bytes=1024)
     assert error.value.cause == "timeout"
     assert time.monotonic() - started < 2.0  # the body deadline, not 40 x 0.1 s
@@ -74,14 +74,14 @@ def test_a_trickled_body_is_cut_off_at_the_timeout(serve, framing: str) -> None:
 def test_redirects_are_refused_not_followed(serve) -> None:
     url = serve(lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://10.0.0.1/\r\n"
                                     b"Content-Length: 0\r\n\r\n"))
-    with pytest.raises(HttpFetchError) as error:
+    with pytest.raises(EngineCallError) as error:
         fetch(EnginePool(1), url, timeout=2, max_bytes=1024)
     assert error.value.cause == "redirect"
 
 
 def test_a_declared_oversize_body_is_refused_unread(serve) -> None:
     url = serve(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n"))
-    with pytest.raises(HttpFetchError) as error:
+    with pytest.raises(EngineCallError) as error:
         fetch(EnginePool(1), url, timeout=2, max_bytes=1024)
     assert error.value.cause == "oversize"
 
@@ -91,7 +91,7 @@ def test_an_undeclared_oversize_body_is_cut_at_the_cap(serve) -> None:
     chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
     url = serve(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                     + chunked))
-    with pytest.raises(HttpFetchError) as error:
+    with pytest.raises(EngineCallError) as error:
         fetch(EnginePool(1), url, timeout=2, max_bytes=1024)
     assert error.value.cause == "oversize"
 
@@ -105,7 +105,7 @@ def test_connection_refused_is_transient_and_named() -> None:
     probe = socket.create_server(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    with pytest.raises(HttpFetchError) as error:
+    with pytest.raises(EngineCallError) as error:
         fetch(EnginePool(1), f"http://127.0.0.1:{port}", timeout=2, max_bytes=1024)
     assert error.value.transient and error.value.cause == "connection"
 
@@ -114,7 +114,7 @@ def test_trickled_status_line_and_headers_are_cut_off_at_the_timeout(serve) -> N
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Padding: " + b"p" * 60 + b"\r\n\r\n"
     url = serve(_trickle(b"", head + b"hello", 0.05))
     started = time.monotonic()
-    with pytest.raises(HttpFetchError) as error:
+    with pytest.raises(EngineCallError) as error:
         fetch(EnginePool(1), url, timeout=0.5, max_bytes=1024)
     assert error.value.cause == "timeout"
     assert time.monotonic() - started < 2.0  # the deadline, not ~4 s of trickled headers
@@ -156,7 +156,7 @@ def test_closing_the_pool_aborts_a_request_blocked_on_a_silent_engine(serve) -> 
     def blocked() -> None:
         try:
             fetch(pool, url, timeout=30, max_bytes=64)
-        except HttpFetchError as exc:
+        except EngineCallError as exc:
             outcome.append(exc)
 
     worker = threading.Thread(target=blocked)
@@ -167,5 +167,5 @@ def test_closing_the_pool_aborts_a_request_blocked_on_a_silent_engine(serve) -> 
     pool.close()
     worker.join(5)
     assert not worker.is_alive() and len(outcome) == 1
-    with pytest.raises(HttpFetchError, match="closed"):
+    with pytest.raises(EngineCallError, match="closed"):
         fetch(pool, url, timeout=1, max_bytes=64)
