@@ -834,6 +834,13 @@ def test_continue_token_expires_with_compaction_and_exact_rv_too(
     with pytest.raises(ApiException) as dropped:
         core.list_namespaced_service("default", limit=1, _continue=again.metadata._continue)
     assert dropped.value.status == 410
+    third = core.list_namespaced_service("default", limit=1)
+    server.expire_continue_tokens(next_requests=1)  # only the next continue request expires
+    with pytest.raises(ApiException) as once:
+        core.list_namespaced_service("default", limit=1, _continue=third.metadata._continue)
+    assert once.value.status == 410
+    rest = core.list_namespaced_service("default", limit=5, _continue=third.metadata._continue)
+    assert [s.metadata.name for s in rest.items] == ["b", "c"]
 
 
 def test_continue_with_a_resource_version_is_refused(

@@ -439,6 +439,7 @@ class FakeApiServer:
         self._counts: dict[tuple[str, str], int] = {}
         # paged LISTs being read, by (resource, RV): what their continue tokens point into
         self._snapshots: dict[tuple[str, int], _Entries] = {}
+        self._continues_to_expire = 0
         # guarded by _conn_lock:
         self._conn_lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
@@ -602,10 +603,17 @@ class FakeApiServer:
             self._floor = self._rv
             self._snapshots.clear()
 
-    def expire_continue_tokens(self) -> None:
-        """Make every outstanding continue token answer 410, as after etcd compaction."""
+    def expire_continue_tokens(self, next_requests: int = 0) -> None:
+        """Make every outstanding continue token answer 410, as after etcd compaction.
+
+        With ``next_requests=n``, instead the next n requests that carry a continue token
+        answer 410, so a test can expire a LIST between two of its pages deterministically.
+        """
         with self._cond:
-            self._snapshots.clear()
+            if next_requests:
+                self._continues_to_expire += next_requests
+            else:
+                self._snapshots.clear()
 
     def _record(self, event: _Event) -> None:
         """Append to the bounded history and dispatch to open watches. Caller holds _cond."""
@@ -935,6 +943,9 @@ class FakeApiServer:
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise _ListRefused(400, "continue key is not valid") from None
         entries = self._snapshots.get((resource, rv))
+        if self._continues_to_expire > 0:
+            self._continues_to_expire -= 1
+            entries = None
         if entries is None:
             raise _ListRefused(410, _CONTINUE_EXPIRED)
         return rv, [(key, obj) for key, obj in entries if key >= start]
