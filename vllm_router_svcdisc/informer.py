@@ -340,6 +340,8 @@ class Informer:
         outcome = result.outcome
         if outcome in (Outcome.EXPIRED, Outcome.RV_TOO_LARGE):
             self._need_list = True
+            if outcome is Outcome.RV_TOO_LARGE:
+                self._list_rv_unavailable = True  # as client-go: the next LIST is from ""
             cause = "expired" if outcome is Outcome.EXPIRED else "rv_too_large"
             self._count_relist(cause)
             log.info("%s: %s, re-listing", self.resource, result.reason or outcome.value)
