@@ -117,10 +117,9 @@ class DiscoveryCollector(Collector):
             failures.add_metric([cause], count)
         yield failures
         stats = scraper.get_pod_engine_stats()
-        stale_age = scraper.stale_age
         yield _gauge("scraped_pods", "Pods with current stats.", len(stats))
         yield _gauge("stale_pods", "Pods whose stats are kept from an earlier scrape.",
-                     sum(s.oldest_sample_age > stale_age for s in stats.values()))
+                     scraper.stale_pods(stats))
         yield _gauge("oldest_sample_age_seconds", "Age of the oldest pod stats in use.",
                      max((s.oldest_sample_age for s in stats.values()), default=0.0))
 

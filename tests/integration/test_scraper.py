@@ -507,3 +507,17 @@ def test_concurrent_readers_never_raise(cluster: SimCluster, make_discovery: Any
             t.join(5)
     assert not errors, errors
     assert reads[0] > 100
+
+
+def test_a_new_pod_is_scraped_at_once_not_at_the_next_interval(
+        cluster: SimCluster, make_discovery: Any, make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-new", replicas=1)
+    # the interval is far longer than the test waits: only an immediate scrape can pass
+    scraper = make_scraper(_discovery(make_discovery, cluster), scrape_interval=120.0,
+                           stale_after=600.0)
+    _wait_pods(scraper, _urls(cluster.pods("vllm-new")))
+    added = cluster.add_pod("vllm-new")
+    _wait_pods(scraper, _urls(cluster.pods("vllm-new")), timeout=10.0)
+    assert added.engine.request_counts().get("/metrics") == 1
+    url = cluster.url_of("vllm-new")
+    assert _wait_service(scraper, url, lambda s: s.pods_scraped == 2).pods_failed == 0
