@@ -23,9 +23,11 @@ from typing import Any
 
 import tenacity
 from cachetools import TTLCache
+from prometheus_client import Counter, Histogram
 
 from .backoff import BackoffPolicy
 from .http import EngineCallError, EnginePool, expect_ok, fetch
+from .telemetry import PREFIX
 from .types import EngineStats, PodEndpoint
 from .vllm_metrics import (
     MetricsParseError,
@@ -66,33 +68,29 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class ScrapeTelemetry:
-    """Counters the Prometheus collector reads: scrape durations and failures by cause."""
+    """Scrape durations and failures by cause, as prometheus_client metrics on no registry.
+
+    ``telemetry.DiscoveryCollector`` exposes them with the rest of the ``vllm_svcdisc_*``
+    metrics on whatever registry it is registered on.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.failures_by_cause: dict[str, int] = {}
+        self.durations = Histogram(f"{PREFIX}_scrape_duration_seconds",
+                                   "Duration of one pod's /metrics scrape.",
+                                   buckets=DURATION_BUCKETS, registry=None)
+        self.failures = Counter(f"{PREFIX}_scrape_failures",
+                                "Pod scrapes that failed, by cause.", ["cause"], registry=None)
 
     def observe(self, seconds: float, failure_cause: str | None) -> None:
-        index = next((i for i, bound in enumerate(DURATION_BUCKETS) if seconds <= bound),
-                     len(DURATION_BUCKETS))
-        with self._lock:
-            self._counts[index] += 1
-            self.duration_sum += seconds
-            if failure_cause is not None:
-                causes = self.failures_by_cause
-                causes[failure_cause] = causes.get(failure_cause, 0) + 1
+        self.durations.observe(seconds)
+        if failure_cause is not None:
+            self.failures.labels(failure_cause).inc()
 
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative histogram buckets, ``+Inf`` last, as prometheus_client wants them."""
-        with self._lock:
-            counts = list(self._counts)
-        result, running = [], 0
-        for bound, count in zip([*map(str, DURATION_BUCKETS), "+Inf"], counts, strict=True):
-            running += count
-            result.append((bound, float(running)))
-        return result
+    @property
+    def failures_by_cause(self) -> dict[str, float]:
+        return {sample.labels["cause"]: sample.value
+                for metric in self.failures.collect() for sample in metric.samples
+                if sample.name.endswith("_total")}
 
 
 class EngineStatsScraper:
