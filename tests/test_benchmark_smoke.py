@@ -51,3 +51,17 @@ def test_balance_runs_and_writes_results(tmp_path: Path) -> None:
             assert {"ready_pods", "requests", "share_pct", "idle_pods"} <= arm[phase].keys()
         assert arm["after_scale_up"]["ready_pods"] == 3
     assert "| phase | routing |" in (tmp_path / "balance.md").read_text()
+
+
+def test_scrape_cpu_runs_and_writes_results(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scrape_cpu.py"), "--pods", "3",
+           "--rounds", "1", "--per-round", "20", "--profile-scrapes", "20",
+           "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "scrape_cpu.json").read_text())
+    for path in ("previous", "current"):
+        figures = results["result"][path]
+        assert {"fetch_us", "parse_us", "total_us", "scrapes_per_cpu_s"} <= figures.keys()
+    assert results["profile"]["areas"] and results["profile"]["functions"]
+    assert "| path | fetch µs |" in (tmp_path / "scrape_cpu.md").read_text()

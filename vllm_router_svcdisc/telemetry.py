@@ -14,7 +14,6 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -116,21 +115,13 @@ class DiscoveryCollector(Collector):
         yield health
 
     def _scrape_metrics(self, scraper: EngineStatsScraper) -> Iterator[Metric]:
-        telemetry: Any = scraper.telemetry()
-        histogram = HistogramMetricFamily(f"{PREFIX}_scrape_duration_seconds",
-                                          "Duration of one pod's /metrics scrape.")
-        histogram.add_metric([], telemetry.buckets(), telemetry.duration_sum)
-        yield histogram
-        failures = CounterMetricFamily(f"{PREFIX}_scrape_failures",
-                                       "Pod scrapes that failed, by cause.", labels=["cause"])
-        for cause, count in sorted(telemetry.failures_by_cause.items()):
-            failures.add_metric([cause], count)
-        yield failures
+        telemetry = scraper.telemetry()
+        yield from telemetry.durations.collect()
+        yield from telemetry.failures.collect()
         stats = scraper.get_pod_engine_stats()
-        stale_age = scraper.stale_age
         yield _gauge("scraped_pods", "Pods with current stats.", len(stats))
         yield _gauge("stale_pods", "Pods whose stats are kept from an earlier scrape.",
-                     sum(s.oldest_sample_age > stale_age for s in stats.values()))
+                     scraper.stale_pods(stats))
         yield _gauge("oldest_sample_age_seconds", "Age of the oldest pod stats in use.",
                      max((s.oldest_sample_age for s in stats.values()), default=0.0))
 

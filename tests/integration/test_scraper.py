@@ -528,3 +528,17 @@ def test_a_discovery_provider_is_followed_when_the_host_swaps_its_discovery(
     wait_for(lambda: not scraper.get_pod_engine_stats(), message="stats kept without discovery")
     with pytest.raises(ValueError, match="either"):
         EngineStatsScraper(first, discovery_provider=lambda: first)
+
+
+def test_a_new_pod_is_scraped_at_once_not_at_the_next_interval(
+        cluster: SimCluster, make_discovery: Any, make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-new", replicas=1)
+    # the interval is far longer than the test waits: only an immediate scrape can pass
+    scraper = make_scraper(_discovery(make_discovery, cluster), scrape_interval=120.0,
+                           stale_after=600.0)
+    _wait_pods(scraper, _urls(cluster.pods("vllm-new")))
+    added = cluster.add_pod("vllm-new")
+    _wait_pods(scraper, _urls(cluster.pods("vllm-new")), timeout=10.0)
+    assert added.engine.request_counts().get("/metrics") == 1
+    url = cluster.url_of("vllm-new")
+    assert _wait_service(scraper, url, lambda s: s.pods_scraped == 2).pods_failed == 0

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_router_svcdisc.sim.engine import EngineMode, FakeEngine, split_evenly, wait_until
 
 PORT = 18000
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _ip_lock = threading.Lock()
 _ip_next = [0]
 
