@@ -348,9 +348,14 @@ class SimCluster:
             return list(self._services.values())
 
     def url_of(self, name: str, namespace: str = "default") -> str:
-        """The Service DNS URL discovery should report."""
+        """The Service DNS URL discovery should report: the Service port, or for a headless
+        Service (no port translation) the pods' target port."""
         service = self.service(name, namespace)
-        return f"http://{name}.{namespace}.svc.{self.cluster_domain}:{service.port}"
+        port = service.port
+        if service.headless:
+            port = (service.target_port if isinstance(service.target_port, int)
+                    else service.pod_ports[0])
+        return f"http://{name}.{namespace}.svc.{self.cluster_domain}:{port}"
 
     # -- pods --------------------------------------------------------------------------------
 
