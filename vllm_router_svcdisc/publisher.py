@@ -63,7 +63,6 @@ class SnapshotPublisher:
         self._dirty = self._services_dirty = self._pods_dirty = self._models_dirty = False
         self._last = EMPTY_SNAPSHOT
         self.publishes = 0
-        self.publish_seconds = 0.0  # total time spent in publish(), for benchmarks
 
     def get(self, key: str) -> ServiceView | None:
         return self._views.get(key)
@@ -93,7 +92,6 @@ class SnapshotPublisher:
         """A new snapshot if anything changed since the last one, else None."""
         if not self._dirty:
             return None
-        started = time.perf_counter()
         last = self._last
         snapshot = Snapshot(
             version=last.version + 1,
@@ -109,7 +107,6 @@ class SnapshotPublisher:
         self._dirty = self._services_dirty = self._pods_dirty = self._models_dirty = False
         self._last = snapshot
         self.publishes += 1
-        self.publish_seconds += time.perf_counter() - started
         return snapshot
 
     def _count_models(self, info: EndpointInfo | None, delta: int) -> None:

@@ -16,6 +16,7 @@ every topology Kubernetes produces.  The rules it follows are Kubernetes' own:
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -179,8 +180,13 @@ def not_routable_reason(record: ServiceRecord, service_port: ServicePort | None,
 
 def pod_id(pod: PodEndpoint) -> str:
     """A stable ``EndpointInfo.Id`` for a pod, the same under every Service that selects it."""
-    identity, port = pod.key
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s-pod/{identity}:{port}"))
+    return _uuid_of(f"k8s-pod/{pod.key[0]}:{pod.key[1]}")
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _uuid_of(name: str) -> str:
+    """uuid5 of a name, memoised: views are rebuilt on every change of their Service."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
 def build_view(record: ServiceRecord, slices: Iterable[SliceRecord], probe: ModelProbe | None,
@@ -203,7 +209,7 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord], probe: Mode
         models = dict(probe.models)
         endpoint_info = EndpointInfo(
             url=url, model_names=list(models),
-            Id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s-service/{key}")),
+            Id=_uuid_of(f"k8s-service/{key}"),
             added_timestamp=added, model_label=record.model_label, service_name=record.name,
             namespace=record.namespace, model_info=models, pods=pods,
         )
