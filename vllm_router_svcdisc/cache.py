@@ -149,7 +149,7 @@ class DiscoveryCache:
         targets: list[ProbeTarget] = []
         gone: list[str] = []
         now = time.time()
-        for key in keys:
+        for key in sorted(keys):  # a deterministic order for lists and logs
             old = self._publisher.get(key)
             record = self._store.services.get(key)
             if record is None:  # deleted, or slices of a Service the selector does not match

@@ -59,8 +59,8 @@ def test_a_pod_behind_two_services_is_listed_once(cache: Any) -> None:
     c, _ = cache
     shared_pods_cluster(c)
     snapshot = c.snapshot
-    assert [i.url for i in snapshot.endpoint_infos] == [
-        "http://one.ns.svc.cluster.local:80", "http://all.ns.svc.cluster.local:80"]
+    assert sorted(i.url for i in snapshot.endpoint_infos) == [
+        "http://all.ns.svc.cluster.local:80", "http://one.ns.svc.cluster.local:80"]
     assert sorted(i.url for i in snapshot.pod_infos) == ["http://10.1.0.1:8000",
                                                          "http://10.1.0.2:8000"]
     assert {i.service_name for i in snapshot.pod_infos} == {"all"}  # the first key wins
