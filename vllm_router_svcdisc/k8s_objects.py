@@ -45,7 +45,7 @@ class ServiceRecord:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointAddress:
     """One endpoint of a slice (or of a v1 Endpoints subset): one pod, maybe several addresses.
 
@@ -67,7 +67,7 @@ class EndpointAddress:
         return self.addresses[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSubset:
     """Endpoints that share one port mapping (a slice, or one subset of a v1 Endpoints).
 

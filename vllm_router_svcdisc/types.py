@@ -61,7 +61,7 @@ class ModelInfo:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodEndpoint:
     """One endpoint behind a Service: one pod (or, without a ``targetRef``, one address:port).
 

@@ -207,15 +207,16 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord], probe: Mode
     pod_infos: tuple[EndpointInfo, ...] = ()
     if reason is None and url is not None and probe is not None:
         models = dict(probe.models)
+        names = list(models)  # shared by the Service's entries: snapshot records are read-only
         endpoint_info = EndpointInfo(
-            url=url, model_names=list(models),
+            url=url, model_names=names,
             Id=_uuid_of(f"k8s-service/{key}"),
             added_timestamp=added, model_label=record.model_label, service_name=record.name,
             namespace=record.namespace, model_info=models, pods=pods,
         )
         pod_infos = tuple(
             EndpointInfo(
-                url=pod.url, model_names=list(models), Id=pod_id(pod), added_timestamp=added,
+                url=pod.url, model_names=names, Id=pod_id(pod), added_timestamp=added,
                 model_label=record.model_label, pod_name=pod.name, service_name=record.name,
                 namespace=record.namespace, model_info=models, pods=(pod,),
             )
