@@ -48,6 +48,7 @@ from benchmarks._common import (
 )
 from benchmarks.engine_farm import EngineFarm
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.publisher import Snapshot
 from vllm_router_svcdisc.scraper import EngineStatsScraper, parse_metrics_body
 from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
 
@@ -375,18 +376,16 @@ def run_scale(size: int, farm: EngineFarm, args: argparse.Namespace) -> dict[str
             discovery.routing = "service"
         snapshot = discovery.get_snapshot()
         few = {"batches": 20, "per_batch": 50}
-        result["copy_us"] = {  # what one publish copies: references only
-            "services_mapping": round(time_per_call(
-                lambda: snapshot.services.copy(), **few) / 1000, 1),
-            "endpoint_infos_list": round(time_per_call(
-                lambda: list(snapshot.endpoint_infos), **few) / 1000, 1),
-            "pod_infos_list": round(time_per_call(
-                lambda: list(snapshot.pod_infos), **few) / 1000, 1),
+        result["first_read_us"] = {  # what the first reader of a new snapshot pays
+            "endpoint_infos": round(time_per_call(
+                lambda: Snapshot.endpoint_infos.func(snapshot), **few) / 1000, 1),
+            "pod_infos": round(time_per_call(
+                lambda: Snapshot.pod_infos.func(snapshot), **few) / 1000, 1),
             "entries": [len(snapshot.services), len(snapshot.endpoint_infos),
                         len(snapshot.pod_infos)],
         }
         progress(f"scale {size}: read {result['get_endpoint_info_ns']} ns, "
-                 f"copies {result['copy_us']}")
+                 f"first reads {result['first_read_us']}")
         return result
     finally:
         if discovery is not None:
@@ -803,22 +802,21 @@ def _scale_markdown(results: dict[str, Any]) -> list[str]:
            "discovery alone (no scraper), in-process API server.", "",
            "| Services | pods | cluster setup s | informer sync s | all routable s | "
            "publishes during start-up (s spent) | flip -> reflected ms p50 / p99 / max | "
-           "us per publish (flips) | get_endpoint_info ns svc / pod | "
-           "reference copies us: services map / Service list / pod list |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "us per change (flips) | get_endpoint_info ns svc / pod | "
+           "first read of a new snapshot's list us: Services / pods |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for size, m in scale.items():
         if "error" in m:
-            out.append(f"| {size} | error: {m['error']} | | | | | | | | |")
+            out.append(f"| {size} | error: {m['error']} | | | | | | | |")
             continue
-        c = m["copy_us"]
+        c = m["first_read_us"]
         routable = (m["all_routable_s"] if m["all_routable_s"] is not None
                     else f"- ({m['routable_at_end_of_wait']} at timeout)")
         out.append(f"| {size} | {m['pods']} | {m['cluster_setup_s']} | {m['sync_s']} | "
                    f"{routable} | {m['startup_publishes']} ({m['startup_publish_s']}) | "
                    f"{_ms(m['flip_ms'])} | {m['publish_us_per_publish']} | "
                    f"{m['get_endpoint_info_ns']} / {m['get_endpoint_info_pod_ns']} | "
-                   f"{c['services_mapping']} / {c['endpoint_infos_list']} / "
-                   f"{c['pod_infos_list']} |")
+                   f"{c['endpoint_infos']} / {c['pod_infos']} |")
     rss = results.get("scale_rss")
     if rss:
         out += [""]

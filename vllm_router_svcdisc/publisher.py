@@ -1,22 +1,29 @@
 """The snapshot readers take: immutable, swapped in by one reference write.
 
-:class:`SnapshotPublisher` keeps the flat lists a snapshot hands out (routable Services, pods,
-known models) in step with the per-Service views at the cost of the Services that changed;
-publishing then copies references only, and reuses every list that did not change.  Copying
-references is C-speed: 10 000 take about 6-25 us, 100 000 about 60-250 us on the benchmark
-machine, so a publish stays well under a millisecond at 10 000 Services (docs/benchmarks.md).
+:class:`SnapshotPublisher` keeps what a snapshot hands out (the Service views, the routable
+Services, the pods, the known models) in step with the per-Service views at the cost of the
+Services that changed.  The three collections live in copy-on-write buckets: a publish copies
+only the few buckets that changed since the last one (plus a 256-entry tuple), so publishing
+costs the same at 1 000 and at 10 000 Services; the flat lists are built from the frozen
+buckets on their first read, once per snapshot (docs/benchmarks.md, "Scale").
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 from .types import EndpointInfo
 from .view import ServiceView
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+PodKey = tuple[str, int]
+_BUCKETS = 256
 
 
 class ReadOnlyList(list[Any]):
@@ -29,21 +36,101 @@ class ReadOnlyList(list[Any]):
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
 
 
+class Buckets(Mapping[K, V]):
+    """A read-only mapping over frozen buckets (what a snapshot holds)."""
+
+    __slots__ = ("_buckets", "_flat", "_len")
+
+    def __init__(self, buckets: tuple[Mapping[K, V], ...] = (), length: int = 0) -> None:
+        self._buckets = buckets
+        self._len = length
+        self._flat: list[V] | None = None
+
+    def __getitem__(self, key: K) -> V:
+        if not self._buckets:
+            raise KeyError(key)
+        return self._buckets[hash(key) % _BUCKETS][key]
+
+    def __iter__(self) -> Iterator[K]:
+        return itertools.chain.from_iterable(self._buckets)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def flat_values(self) -> list[V]:
+        """The values as one read-only list, built once (snapshots sharing these buckets
+        share the list; two first readers racing both build it, harmlessly)."""
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = ReadOnlyList(
+                itertools.chain.from_iterable(b.values() for b in self._buckets))
+        return flat
+
+
+class _CopyOnWriteBuckets(Generic[K, V]):
+    """A map split into buckets; a bucket handed to a snapshot is copied before it changes."""
+
+    def __init__(self) -> None:
+        self._buckets: list[dict[K, V]] = [{} for _ in range(_BUCKETS)]
+        self._owned: set[int] = set()  # buckets copied since the last freeze
+        self._len = 0
+        self._frozen: Buckets[K, V] = Buckets(tuple(self._buckets), 0)
+
+    def get(self, key: K) -> V | None:
+        return self._buckets[hash(key) % _BUCKETS].get(key)
+
+    def _writable(self, key: K) -> dict[K, V]:
+        index = hash(key) % _BUCKETS
+        if index not in self._owned:
+            self._buckets[index] = dict(self._buckets[index])
+            self._owned.add(index)
+        return self._buckets[index]
+
+    def set(self, key: K, value: V) -> None:
+        bucket = self._writable(key)
+        self._len += key not in bucket
+        bucket[key] = value
+
+    def discard(self, key: K) -> None:
+        if key in self._buckets[hash(key) % _BUCKETS]:
+            del self._writable(key)[key]
+            self._len -= 1
+
+    def freeze(self) -> Buckets[K, V]:
+        """The current content, never mutated again (unchanged: the previous object)."""
+        if self._owned:
+            self._owned.clear()
+            self._frozen = Buckets(tuple(self._buckets), self._len)
+        return self._frozen
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """An immutable view of the cache at one moment; ``version`` grows with every publish."""
+    """An immutable view of the cache at one moment; ``version`` grows with every publish.
+
+    ``services`` is a read-only mapping; ``endpoint_infos`` and ``pod_infos`` are lists built
+    on their first read and then plain attributes (one attribute access).
+    """
 
     version: int
     services: Mapping[str, ServiceView]
-    endpoint_infos: list[EndpointInfo]
-    pod_infos: list[EndpointInfo]  # one entry per pod, however many Services select it
+    service_infos: Buckets[str, EndpointInfo]
+    pod_buckets: Buckets[PodKey, EndpointInfo]
     known_models: frozenset[str]
     published_at: float
 
+    @functools.cached_property
+    def endpoint_infos(self) -> list[EndpointInfo]:
+        """One entry per routable Service."""
+        return self.service_infos.flat_values()
 
-EMPTY_SNAPSHOT = Snapshot(0, MappingProxyType({}), ReadOnlyList(), ReadOnlyList(), frozenset(), 0.0)
+    @functools.cached_property
+    def pod_infos(self) -> list[EndpointInfo]:
+        """One entry per pod, however many Services select it."""
+        return self.pod_buckets.flat_values()
 
-PodKey = tuple[str, int]
+
+EMPTY_SNAPSHOT = Snapshot(0, Buckets(), Buckets(), Buckets(), frozenset(), 0.0)
 
 
 class SnapshotPublisher:
@@ -55,12 +142,12 @@ class SnapshotPublisher:
     """
 
     def __init__(self) -> None:
-        self._views: dict[str, ServiceView] = {}
-        self._service_infos: dict[str, EndpointInfo] = {}
+        self._views: _CopyOnWriteBuckets[str, ServiceView] = _CopyOnWriteBuckets()
+        self._service_infos: _CopyOnWriteBuckets[str, EndpointInfo] = _CopyOnWriteBuckets()
         self._pod_owners: dict[PodKey, dict[str, EndpointInfo]] = {}
-        self._pod_infos: dict[PodKey, EndpointInfo] = {}
+        self._pod_infos: _CopyOnWriteBuckets[PodKey, EndpointInfo] = _CopyOnWriteBuckets()
         self._model_counts: dict[str, int] = {}
-        self._dirty = self._services_dirty = self._pods_dirty = self._models_dirty = False
+        self._dirty = self._models_dirty = False
         self._last = EMPTY_SNAPSHOT
         self.publishes = 0
 
@@ -69,18 +156,19 @@ class SnapshotPublisher:
 
     def set_view(self, key: str, view: ServiceView | None) -> None:
         """Replace (``None``: remove) one Service's view and the entries derived from it."""
-        old = self._views.pop(key, None) if view is None else self._views.get(key)
-        if view is not None:
-            self._views[key] = view
+        old = self._views.get(key)
+        if view is None:
+            self._views.discard(key)
+        else:
+            self._views.set(key, view)
         self._dirty = True
         old_info = old.endpoint_info if old is not None else None
         new_info = view.endpoint_info if view is not None else None
         if old_info is not new_info:
-            self._services_dirty = True
             if new_info is None:
-                self._service_infos.pop(key, None)
+                self._service_infos.discard(key)
             else:
-                self._service_infos[key] = new_info
+                self._service_infos.set(key, new_info)
             self._count_models(old_info, -1)
             self._count_models(new_info, +1)
         old_pods = old.pod_infos if old is not None else ()
@@ -95,16 +183,14 @@ class SnapshotPublisher:
         last = self._last
         snapshot = Snapshot(
             version=last.version + 1,
-            services=MappingProxyType(dict(self._views)),
-            endpoint_infos=(ReadOnlyList(self._service_infos.values())
-                            if self._services_dirty else last.endpoint_infos),
-            pod_infos=ReadOnlyList(self._pod_infos.values()) if self._pods_dirty
-            else last.pod_infos,
+            services=self._views.freeze(),
+            service_infos=self._service_infos.freeze(),
+            pod_buckets=self._pod_infos.freeze(),
             known_models=frozenset(self._model_counts) if self._models_dirty
             else last.known_models,
             published_at=time.monotonic(),
         )
-        self._dirty = self._services_dirty = self._pods_dirty = self._models_dirty = False
+        self._dirty = self._models_dirty = False
         self._last = snapshot
         self.publishes += 1
         return snapshot
@@ -124,7 +210,6 @@ class SnapshotPublisher:
 
     def _update_pods(self, service_key: str, old: tuple[EndpointInfo, ...],
                      new: tuple[EndpointInfo, ...]) -> None:
-        self._pods_dirty = True
         touched: set[PodKey] = set()
         for info in old:
             pod_key = info.pods[0].key
@@ -140,6 +225,6 @@ class SnapshotPublisher:
             owners = self._pod_owners.get(pod_key)
             if not owners:
                 self._pod_owners.pop(pod_key, None)
-                self._pod_infos.pop(pod_key, None)
+                self._pod_infos.discard(pod_key)
             else:
-                self._pod_infos[pod_key] = owners[min(owners)]
+                self._pod_infos.set(pod_key, owners[min(owners)])

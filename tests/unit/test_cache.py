@@ -136,3 +136,22 @@ def test_a_slice_moving_service_touches_both(cache: Any) -> None:
                                                                     "10.1.0.9"}
     c.apply_endpoint_changes([delete("ns/one-a"), delete("ns/all-a")])
     assert c.sizes()["slices"] == 0 and c.sizes()["indexed_services"] == 0
+
+
+def test_old_snapshots_never_change_and_behave_as_mappings(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    old = c.snapshot
+    old_pods = sorted(i.url for i in old.pod_infos)
+    c.apply_endpoint_changes([add(eps("one-a", [endpoint("p9", "10.1.0.9")], svc="one")),
+                              delete("ns/all-a")])
+    c.apply_service_changes([add(service(f"extra{i}")) for i in range(300)])  # every bucket
+    assert sorted(i.url for i in old.pod_infos) == old_pods
+    assert sorted(old.services) == ["ns/all", "ns/one"] and len(old.services) == 2
+    assert old.services["ns/one"].routable and "ns/extra1" not in old.services
+    with pytest.raises(KeyError):
+        old.services["ns/extra1"]
+    new = c.snapshot
+    assert len(new.services) == 302 == len(dict(new.services.items()))
+    assert sorted(i.url for i in new.pod_infos) == ["http://10.1.0.9:8000"]
+    assert new.pod_infos is new.pod_infos  # built once, then a plain attribute
