@@ -295,6 +295,12 @@ def isolated_rss_main() -> int:
                         config["timeout"])
         out["all_routable_s"] = round(time.monotonic() - t0, 3) if routable else None
         out["rss_all_routable_mb"] = rss_mb()
+        out["pods"] = pods
+        out["services"] = len(services)
+        if not config.get("scrape", True):
+            out["rss_peak_mb"] = rss_mb("VmHWM")
+            out["threads"] = threading.active_count()
+            return 0
         interval = config["scrape_interval"]
         t1 = time.monotonic()
         scraper = EngineStatsScraper(discovery, scrape_interval=interval)
@@ -311,14 +317,12 @@ def isolated_rss_main() -> int:
             out["open_fds"] = len(os.listdir("/proc/self/fd"))
         except OSError:
             out["open_fds"] = None
-        out["pods"] = pods
-        out["services"] = len(services)
     finally:
         if scraper is not None:
             scraper.close()
         if discovery is not None:
             discovery.close()
         dns.uninstall()
-    sys.stdout.write(json.dumps(out) + "\n")
-    sys.stdout.flush()
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
     return 0

@@ -48,6 +48,7 @@ from benchmarks._common import (
 )
 from benchmarks.engine_farm import EngineFarm
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.publisher import Buckets
 from vllm_router_svcdisc.scraper import EngineStatsScraper, parse_metrics_body
 from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
 
@@ -290,32 +291,115 @@ def run_micro(size: int, farm: EngineFarm, args: argparse.Namespace) -> dict[str
 
         # readiness flips
         before = cluster.api.request_counts()
-        clock = ChangeClock(cluster.api)
-        flips: list[float] = []
-        missed = 0
-        for i in range(args.flips):
-            name = names[(i * 7919) % size]
-            key = f"default/{name}"
-            pods = cluster.pods(name)
-            pod = pods[i % len(pods)]
-            going_ready = not pod.ready
-            cluster.set_ready(pod, going_ready)
-            latency = wait_reflected(
-                discovery,
-                lambda s, ip=pod.ip, k=key, r=going_ready: (ip in routable_ips(s, k)) == r,
-                clock)
-            if latency is None:
-                missed += 1
-            else:
-                flips.append(latency)
-            time.sleep(0.005)
-        result["flip_ms"] = {**summarize(flips, 1000.0), "missed": missed}
+        result["flip_ms"] = measure_flips(cluster, discovery, names, args.flips)
         result["flip_api_requests"] = api_delta(before, cluster.api.request_counts())
         progress(f"micro {size}: readiness flip reflected {result['flip_ms']}")
         return result
     finally:
         if scraper is not None:
             scraper.close()
+        if discovery is not None:
+            discovery.close()
+        cluster.stop()
+
+
+def measure_flips(cluster: SimCluster, discovery: K8sServiceDiscovery, names: list[str],
+                  count: int) -> dict[str, Any]:
+    """Readiness flips spread over the Services: change -> published, in ms."""
+    clock = ChangeClock(cluster.api)
+    flips: list[float] = []
+    missed = 0
+    for i in range(count):
+        name = names[(i * 7919) % len(names)]
+        key = f"default/{name}"
+        pods = cluster.pods(name)
+        pod = pods[i % len(pods)]
+        going_ready = not pod.ready
+        cluster.set_ready(pod, going_ready)
+        latency = wait_reflected(
+            discovery,
+            lambda s, ip=pod.ip, k=key, r=going_ready: (ip in routable_ips(s, k)) == r,
+            clock)
+        if latency is None:
+            missed += 1
+        else:
+            flips.append(latency)
+        time.sleep(0.005)
+    return {**summarize(flips, 1000.0), "missed": missed}
+
+
+# -- scale: 1 000 and 10 000 Services x 10 pods ---------------------------------------------------
+
+
+def run_scale(size: int, farm: EngineFarm, args: argparse.Namespace) -> dict[str, Any]:
+    """Discovery alone (no scraper) at ``size`` headless Services x ``--scale-replicas`` pods,
+    slices split at 100: start-up, flips, the cost of one publish, the read path."""
+    replicas = args.scale_replicas
+    result: dict[str, Any] = {"services": size, "pods": size * replicas}
+    cluster = SimCluster(engine_port=farm.port, engine_factory=farm.engine_factory())
+    discovery: K8sServiceDiscovery | None = None
+    try:
+        cluster.start()
+        t = time.monotonic()
+        names = [f"x{size}-{i:05d}" for i in range(size)]
+        for name in names:
+            cluster.add_service(name, replicas=replicas, headless=True, port=farm.port)
+        result["cluster_setup_s"] = round(time.monotonic() - t, 1)
+        progress(f"scale {size}: cluster of {size * replicas} pods set up in "
+                 f"{result['cluster_setup_s']} s")
+        time.sleep(0.5)  # the farm learns the pod IPs
+        rss_before = rss_mb()
+        t0 = time.monotonic()
+        discovery = make_discovery(cluster, "service")
+        synced = discovery.wait_until_synced(args.scale_timeout)
+        result["sync_s"] = round(time.monotonic() - t0, 3) if synced else None
+        routable = wait_for(lambda: len(discovery.get_endpoint_info()) == size,
+                            args.scale_timeout)
+        result["all_routable_s"] = round(time.monotonic() - t0, 3) if routable else None
+        result["routable_at_end_of_wait"] = len(discovery.get_endpoint_info())
+        publishes, seconds = discovery._cache.publish_stats()
+        result["startup_publishes"] = publishes
+        result["startup_publish_s"] = round(seconds, 3)
+        result["rss_in_process_growth_mb"] = round(rss_mb() - rss_before, 1)
+        progress(f"scale {size}: synced {result['sync_s']} s, all routable "
+                 f"{result['all_routable_s']} s ({result['routable_at_end_of_wait']} routable), "
+                 f"{publishes} publishes in {result['startup_publish_s']} s")
+
+        before = discovery._cache.publish_stats()
+        result["flip_ms"] = measure_flips(cluster, discovery, names, args.flips)
+        after = discovery._cache.publish_stats()
+        count = after[0] - before[0]
+        result["publish_us_per_publish"] = (round((after[1] - before[1]) / count * 1e6, 1)
+                                            if count else None)  # view rebuild + publish
+        result["flip_publishes"] = count
+        progress(f"scale {size}: flips {result['flip_ms']}, "
+                 f"{result['publish_us_per_publish']} us per publish")
+
+        kw = {"batches": args.batches, "per_batch": 1000}
+        result["get_endpoint_info_ns"] = time_per_call(discovery.get_endpoint_info, **kw)
+        discovery.routing = "pod"
+        try:
+            result["get_endpoint_info_pod_ns"] = time_per_call(discovery.get_endpoint_info, **kw)
+        finally:
+            discovery.routing = "service"
+        snapshot = discovery.get_snapshot()
+        few = {"batches": 20, "per_batch": 50}
+        def first_read(frozen: Buckets[Any, Any]) -> float:
+            """Build the list from the same frozen buckets, not memoised: what the first
+            reader of a new snapshot pays."""
+            return round(time_per_call(lambda: Buckets(frozen._buckets, len(frozen)).flat_values(),
+                                       **few) / 1000, 1)
+
+        result["first_read_us"] = {
+            "endpoint_infos": first_read(snapshot.service_infos),
+            "pod_infos": first_read(snapshot.pod_buckets),
+            "entries": [len(snapshot.services), len(snapshot.endpoint_infos),
+                        len(snapshot.pod_infos)],
+        }
+        progress(f"scale {size}: read {result['get_endpoint_info_ns']} ns, "
+                 f"first reads {result['first_read_us']}")
+        return result
+    finally:
         if discovery is not None:
             discovery.close()
         cluster.stop()
@@ -512,7 +596,7 @@ _RSS_CHILD = ("import sys; sys.path.insert(0, {root!r}); "
               "from benchmarks._common import isolated_rss_main; sys.exit(isolated_rss_main())")
 
 
-def _cluster_host(conn: Any, size: int, max_seconds: float) -> None:
+def _cluster_host(conn: Any, size: int, max_seconds: float, replicas: int = 4) -> None:
     """Helper process of the RSS step: fake API server + pod objects + (via a farm) engines.
 
     Sends the API server URL, the farm port and every Service's pod IPs over ``conn``; then
@@ -526,7 +610,7 @@ def _cluster_host(conn: Any, size: int, max_seconds: float) -> None:
         t = time.monotonic()
         names = [f"r{size}-{i:04d}" for i in range(size)]
         for name in names:
-            cluster.add_service(name, replicas=4, headless=True, port=farm.port)
+            cluster.add_service(name, replicas=replicas, headless=True, port=farm.port)
         time.sleep(0.2)  # the farm learns the pod IPs
         conn.send({"api_url": cluster.api.url, "farm_port": farm.port, "namespace": "default",
                    "cluster_domain": cluster.cluster_domain,
@@ -544,34 +628,39 @@ def _cluster_host(conn: Any, size: int, max_seconds: float) -> None:
         conn.close()
 
 
-def run_rss(size: int, args: argparse.Namespace) -> dict[str, Any]:
-    """RSS of a fresh process running only K8sServiceDiscovery + EngineStatsScraper."""
-    limit = 240.0
+def run_rss(size: int, args: argparse.Namespace, *, replicas: int = 4,
+            scrape: bool = True) -> dict[str, Any]:
+    """RSS of a fresh process running only K8sServiceDiscovery (+ EngineStatsScraper)."""
+    setup_limit = 120.0 if size * replicas <= 10_000 else 900.0
+    limit = 240.0 + setup_limit
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
-    host = ctx.Process(target=_cluster_host, args=(there, size, limit), name="rss-cluster-host")
+    host = ctx.Process(target=_cluster_host, args=(there, size, limit, replicas),
+                       name="rss-cluster-host")
     host.start()
     there.close()
     child: subprocess.Popen[str] | None = None
     try:
-        if not here.poll(120.0):
-            raise RuntimeError("rss: the cluster host did not come up within 120 s")
+        if not here.poll(setup_limit):
+            raise RuntimeError(f"rss: the cluster host did not come up within {setup_limit} s")
         info = here.recv()
         progress(f"rss: cluster host pid {host.pid} ready ({size} Services, setup "
                  f"{info['setup_s']} s, host RSS {info['host_rss_mb']} MiB); measuring")
         config = {"api_url": info["api_url"], "namespace": info["namespace"],
                   "cluster_domain": info["cluster_domain"], "services": info["services"],
                   "scrape_interval": args.rss_scrape_interval,
-                  "scrape_cycles": args.rss_scrape_cycles, "timeout": 90.0}
+                  "scrape_cycles": args.rss_scrape_cycles, "scrape": scrape,
+                  "timeout": 90.0 if scrape else args.scale_timeout}
         child = subprocess.Popen([sys.executable, "-c", _RSS_CHILD.format(root=str(ROOT))],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, cwd=ROOT)
         try:
-            out, err = child.communicate(json.dumps(config) + "\n", timeout=200.0)
+            out, err = child.communicate(json.dumps(config) + "\n",
+                                         timeout=2 * config["timeout"] + 20.0)
         except subprocess.TimeoutExpired:
             child.kill()
             child.communicate(timeout=10.0)
-            raise RuntimeError("rss: the measured process did not finish within 200 s") from None
+            raise RuntimeError("rss: the measured process did not finish in time") from None
         if child.returncode != 0 or not out.strip():
             raise RuntimeError(f"rss: measured process exited {child.returncode}: {err[-500:]}")
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -678,6 +767,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "measured": "; ".join(f"{m}: {r['failed']} of {r['sent']}"
                                                for m, r in modes.items()),
                          "met": all(r["failed"] == 0 for r in modes.values())})
+    rows += _scale_targets(results)
     scrape = results.get("scrape")
     if scrape:
         age = scrape["concurrent"]["max_age_s"]
@@ -688,6 +778,84 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                                  f"{scrape['sequential']['max_age_s']} s)",
                      "met": age <= 2.0})
     return rows
+
+
+def _scale_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    scale = {int(k): v for k, v in results.get("scale", {}).items() if "error" not in v}
+    rows: list[dict[str, Any]] = []
+    if not scale:
+        return rows
+    big = max(scale)
+    top = scale[big]
+    p99 = top["flip_ms"].get("p99")
+    rows.append({"target": f"scale: readiness flip -> reflected p99 at {big} Services",
+                 "goal": "<= 20 ms", "measured": f"{p99} ms",
+                 "met": p99 is not None and p99 <= 20})
+    small = min(scale)
+    a, b = scale[small].get("publish_us_per_publish"), top.get("publish_us_per_publish")
+    if small != big and a and b:
+        rows.append({"target": f"scale: cost of one change (view rebuild + publish), "
+                               f"{small} -> {big} Services",
+                     "goal": "flat (<= 2x)", "measured": f"{a} -> {b} us ({b / a:.1f}x)",
+                     "met": b / a <= 2.0})
+    routable = top.get("all_routable_s")
+    rows.append({"target": f"scale: all {big} Services routable (model probes included)",
+                 "goal": "<= 30 s",
+                 "measured": f"{routable} s" if routable is not None else
+                 f"not within {results['meta']['args']['scale_timeout']} s "
+                 f"({top.get('routable_at_end_of_wait')} routable)",
+                 "met": routable is not None and routable <= 30})
+    rss = results.get("scale_rss", {})
+    if "rss_after_sync_mb" in rss:
+        end = rss["rss_all_routable_mb"] if rss.get("all_routable_s") else rss["rss_after_sync_mb"]
+        stage = "all routable" if rss.get("all_routable_s") else "after sync"
+        growth = round(end - rss["rss_before_discovery_mb"], 1)
+        rows.append({"target": f"scale: discovery RSS growth at {rss['pods']} endpoints "
+                               f"(isolated process, {stage})",
+                     "goal": "<= 300 MiB", "measured": f"{growth} MiB", "met": growth <= 300})
+    return rows
+
+
+def _scale_markdown(results: dict[str, Any]) -> list[str]:
+    scale = results.get("scale")
+    if not scale:
+        return []
+    out = ["", "## Scale", "",
+           "Headless Services x 10 pods (slices split at 100), engines in the farm process, "
+           "discovery alone (no scraper), in-process API server.", "",
+           "| Services | pods | cluster setup s | informer sync s | all routable s | "
+           "publishes during start-up (s spent) | flip -> reflected ms p50 / p99 / max | "
+           "us per change (flips) | get_endpoint_info ns svc / pod | "
+           "first read of a new snapshot's list us: Services / pods |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for size, m in scale.items():
+        if "error" in m:
+            out.append(f"| {size} | error: {m['error']} | | | | | | | | |")
+            continue
+        c = m["first_read_us"]
+        routable = (m["all_routable_s"] if m["all_routable_s"] is not None
+                    else f"- ({m['routable_at_end_of_wait']} at timeout)")
+        out.append(f"| {size} | {m['pods']} | {m['cluster_setup_s']} | {m['sync_s']} | "
+                   f"{routable} | {m['startup_publishes']} ({m['startup_publish_s']}) | "
+                   f"{_ms(m['flip_ms'])} | {m['publish_us_per_publish']} | "
+                   f"{m['get_endpoint_info_ns']} / {m['get_endpoint_info_pod_ns']} | "
+                   f"{c['endpoint_infos']} / {c['pod_infos']} |")
+    rss = results.get("scale_rss")
+    if rss:
+        out += [""]
+        if "error" in rss:
+            out.append(f"Isolated RSS step: error: {rss['error']}")
+        else:
+            out.append(
+                f"Isolated RSS step ({rss['services']} Services, {rss['pods']} endpoints, "
+                f"discovery only, `python -c` process): imports {rss['rss_imports_mb']} MiB, "
+                f"before discovery {rss['rss_before_discovery_mb']} MiB, after sync "
+                f"({rss['sync_s']} s) {rss['rss_after_sync_mb']} MiB, all routable "
+                f"({rss['all_routable_s']} s) {rss['rss_all_routable_mb']} MiB, peak "
+                f"{rss['rss_peak_mb']} MiB; API requests "
+                + (", ".join(f"{k} {v}" for k, v in rss.get("api_requests", {}).items())
+                   or "-") + ".")
+    return out
 
 
 def _fmt_causes(causes: dict[str, int]) -> str:
@@ -782,6 +950,7 @@ def markdown(results: dict[str, Any]) -> str:
                     + (", ".join(f"{k} {v}" for k, v in rss.get("api_requests", {}).items())
                        or "-")
                     + "."]
+    out += _scale_markdown(results)
     scrape = results.get("scrape")
     if scrape:
         c, s = scrape["concurrent"], scrape["sequential"]
@@ -839,6 +1008,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="scrape interval of the RSS step (default 10; quick 1)")
     parser.add_argument("--rss-scrape-cycles", type=int, default=3,
                         help="scrape intervals to wait after every pod was scraped once")
+    parser.add_argument("--scale", action="store_true",
+                        help="also run the scale step (1 000 and 10 000 Services x 10 pods, "
+                             "about 10 minutes)")
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--scale-replicas", type=int, default=10)
+    parser.add_argument("--scale-timeout", type=float, default=120.0,
+                        help="seconds to wait for sync and for all Services routable")
+    parser.add_argument("--only-scale", action="store_true",
+                        help="run only the scale step (implies --scale)")
     parser.add_argument("--farm-port", type=int, default=18080)
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -853,6 +1031,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if quick and args.scrape_warmup == 3.0:
         args.scrape_warmup = 2.0
+    if args.only_scale:
+        args.scale = True
+        args.skip_churn = args.skip_micro = args.skip_scrape = args.skip_rss = True
     if args.rss_size is None:
         args.rss_size = max(args.sizes)
     if args.rss_scrape_interval is None:  # 4000 pods take ~7 s of one core per pass here
@@ -898,8 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
                     progress(f"churn {scenario} / {routing}: {r.get('sent')} sent, "
                              f"{r.get('failed')} failed {r.get('failed_by_cause', '')}, "
                              f"reflected {r.get('reflect_ms', r.get('error'))}")
-        if not (args.skip_micro and args.skip_scrape):
-            farm = EngineFarm(args.farm_port, max_seconds=300 if args.quick else 1500).start()
+        if not (args.skip_micro and args.skip_scrape and not args.scale):
+            lifetime = (300 if args.quick else 1500) + 1500 * args.scale
+            farm = EngineFarm(args.farm_port, max_seconds=lifetime).start()
             progress(f"engine farm pid {farm._proc.pid if farm._proc else '?'} "
                      f"on 0.0.0.0:{farm.port}")
         if not args.skip_micro and farm is not None:
@@ -910,9 +1092,28 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_scrape and farm is not None:
             progress(f"scrape {args.scrape_pods} pods")
             results["scrape"] = run_scrape(farm, args)
+        if args.scale and farm is not None:
+            results["scale"] = {}
+            for size in args.scale_sizes:
+                progress(f"scale {size} Services x {args.scale_replicas} pods")
+                try:
+                    results["scale"][str(size)] = run_scale(size, farm, args)
+                except Exception as exc:  # report it, run the rest
+                    exit_code = 1
+                    results["scale"][str(size)] = {"error": f"{exc.__class__.__name__}: {exc}"}
         if farm is not None:
-            farm.stop()  # the RSS step brings its own processes
+            farm.stop()  # the RSS steps bring their own processes
             farm = None
+        if args.scale:
+            size = max(args.scale_sizes)
+            progress(f"scale rss: discovery alone, {size} Services x {args.scale_replicas} pods")
+            try:
+                results["scale_rss"] = run_rss(size, args, replicas=args.scale_replicas,
+                                               scrape=False)
+            except Exception as exc:
+                exit_code = 1
+                results["scale_rss"] = {"error": f"{exc.__class__.__name__}: {exc}"}
+            progress(f"scale rss: {results['scale_rss']}")
         if not args.skip_rss:
             progress(f"rss: discovery + scraper alone, {args.rss_size} Services x 4 pods")
             try:

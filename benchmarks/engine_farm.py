@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make the library importable for its pages
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _HOLD_LIMIT = 300.0  # a black-holed connection is held at most this long
 _IDLE_LIMIT = 120.0  # an idle keep-alive connection is closed after this long

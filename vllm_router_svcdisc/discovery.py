@@ -20,8 +20,9 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from urllib3.connection import HTTPConnection
 
-from .cache import DiscoveryCache, PortSpec, ServiceView, Snapshot
+from .cache import DiscoveryCache, ModelProbe, PortSpec, ServiceView, Snapshot
 from .informer import Change, Informer, InformerConfig, InformerStatus
+from .k8s_objects import IPV4, IPV6
 from .probe import ModelProber, ProbeConfig
 from .types import EndpointInfo
 
@@ -141,6 +142,7 @@ class K8sServiceDiscovery:
         probe_config: ProbeConfig | None = None,
         api_key: str | None = None,
         unhealthy_after: float = 30.0,
+        ip_family: str | None = None,
     ) -> None:
         del app, prefill_model_labels, decode_model_labels  # accepted for drop-in use
         if routing not in ("service", "pod"):
@@ -149,6 +151,8 @@ class K8sServiceDiscovery:
             raise TypeError(f"port must be an int, a port name or None, not {port!r}")
         if isinstance(port, int) and not 0 < port < 65536:
             raise ValueError(f"port {port} is not a valid port number")
+        if ip_family not in (None, IPV4, IPV6):
+            raise ValueError(f"ip_family must be {IPV4!r}, {IPV6!r} or None, not {ip_family!r}")
         if watcher_timeout_seconds < 0:
             raise ValueError("watcher_timeout_seconds must be >= 0")
         self.namespace = None if namespace in (None, "", ALL_NAMESPACES) else namespace
@@ -165,9 +169,9 @@ class K8sServiceDiscovery:
             probe_config = dataclasses.replace(probe_config,
                                                timeout=float(health_check_timeout_seconds))
         self._api_client = api_client if api_client is not None else load_api_client()
-        self._prober = ModelProber(self._record_probe, config=probe_config, api_key=api_key)
+        self._prober = ModelProber(self._record_probes, config=probe_config, api_key=api_key)
         self._cache = DiscoveryCache(port=port, cluster_domain=cluster_domain,
-                                     on_probe_needed=self._prober.schedule)
+                                     ip_family=ip_family, on_probe_needed=self._prober.schedule)
         core = k8s_client.CoreV1Api(self._api_client)
         if self.namespace is None:
             list_services: Callable[..., Any] = core.list_service_for_all_namespaces
@@ -307,5 +311,5 @@ class K8sServiceDiscovery:
     def _apply_endpoint_changes(self, changes: Sequence[Change]) -> None:
         self._cache.apply_endpoint_changes(changes, legacy=self._endpoint_source.legacy)
 
-    def _record_probe(self, key: str, probe: Any) -> None:
-        self._cache.set_probe(key, probe)
+    def _record_probes(self, results: Sequence[tuple[str, ModelProbe]]) -> None:
+        self._cache.set_probes(results)

@@ -98,12 +98,19 @@ class _Due:
     in_flight: bool = False
 
 
+ProbeResults = Sequence[tuple[str, ModelProbe]]
+
+
 class ModelProber:
-    """Keeps each routable Service's model list fresh without touching informer threads."""
+    """Keeps each routable Service's model list fresh without touching informer threads.
+
+    Results are handed to ``record`` in batches by the scheduler thread (never while holding
+    the prober's lock): a wave of probes finishing together costs the cache one publish.
+    """
 
     def __init__(
         self,
-        record: Callable[[str, ModelProbe], None],
+        record: Callable[[ProbeResults], None],
         *,
         config: ProbeConfig | None = None,
         api_key: str | None = None,
@@ -114,6 +121,7 @@ class ModelProber:
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self._session = session or EnginePool(self.config.workers)
         self._due: dict[str, _Due] = {}
+        self._results: list[tuple[str, ModelProbe]] = []
         self._cond = threading.Condition()
         self._stop = False
         self._pool = WorkerPool(self.config.workers, "svcdisc-probe")
@@ -131,7 +139,10 @@ class ModelProber:
         return self
 
     def schedule(self, targets: Sequence[ProbeTarget], gone: Sequence[str]) -> None:
-        """Called by the cache: probe these now, forget those.  Never blocks on I/O."""
+        """Called by the cache under its lock: probe these now, forget those.
+
+        Only updates a dict under the prober's own condition: never blocks, never calls back.
+        """
         now = time.monotonic()
         with self._cond:
             for key, url, _ready in targets:
@@ -162,16 +173,19 @@ class ModelProber:
             with self._cond:
                 if self._stop:
                     return
+                results, self._results = self._results, []
                 now = time.monotonic()
                 ready = [(k, d) for k, d in self._due.items()
                          if not d.in_flight and d.next_time <= now]
                 for _key, due in ready:
                     due.in_flight = True
-                if not ready:
+                if not ready and not results:
                     upcoming = [d.next_time for d in self._due.values() if not d.in_flight]
                     wait = min(upcoming, default=now + 1.0) - now
                     self._cond.wait(max(0.01, min(wait, 1.0)))
                     continue
+            if results:
+                self._deliver(results)
             for key, due in ready:
                 try:
                     self._pool.submit(self._probe, key, due.url)
@@ -206,9 +220,16 @@ class ModelProber:
                 delay = min(cap, first * 2 ** (due.failures - 1)) * (0.5 + random.random() / 2)
             if due.next_time <= started:  # not re-scheduled meanwhile by a change
                 due.next_time = time.monotonic() + delay
+            self._results.append((key, result))
             self._cond.notify()
-        self._log_change(key, result)
-        self._record(key, result)
+
+    def _deliver(self, results: list[tuple[str, ModelProbe]]) -> None:
+        for key, result in results:
+            self._log_change(key, result)
+        try:
+            self._record(results)
+        except Exception:  # the scheduler must outlive a failing consumer
+            log.exception("recording %d model probe results failed", len(results))
 
     def _log_change(self, key: str, result: ModelProbe) -> None:
         reason = None if result.ok else result.reason

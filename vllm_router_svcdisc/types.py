@@ -61,9 +61,13 @@ class ModelInfo:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodEndpoint:
-    """One address behind a Service, as its EndpointSlices describe it."""
+    """One endpoint behind a Service: one pod (or, without a ``targetRef``, one address:port).
+
+    ``ip`` is the endpoint's first address of the family chosen for its Service; ``ready``,
+    ``serving`` and ``terminating`` are the EndpointSlice conditions as written.
+    """
 
     name: str | None
     ip: str
@@ -72,11 +76,23 @@ class PodEndpoint:
     serving: bool = True
     terminating: bool = False
     node_name: str | None = None
+    namespace: str | None = None
 
     @property
     def routable(self) -> bool:
-        """Ready and not terminating: the only endpoints we send traffic to."""
-        return self.ready and not self.terminating
+        """Serving and not terminating: the only endpoints we send traffic to.
+
+        ``serving`` is the pod's readiness even when ``publishNotReadyAddresses`` makes the
+        controller write ``ready: true`` for every pod.
+        """
+        return self.serving and not self.terminating
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Identity: the pod (``namespace/name`` of its targetRef), else the address; + port."""
+        if self.name:
+            return (f"{self.namespace or ''}/{self.name}", self.port)
+        return (self.ip, self.port)
 
     @property
     def url(self) -> str:

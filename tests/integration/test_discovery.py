@@ -283,12 +283,14 @@ def test_address_in_two_slices_is_listed_once(cluster, make_discovery):
     wait_converged(discovery, cluster)
     duplicated = cluster.pods("vllm-a")[0]
     assert discovery.informer_status()[1].events_by_type.get("ADDED", 0) == 0  # all from LIST
-    # An extra slice (as during a controller hand-over) repeats one address, not ready there.
+    # An extra slice (as during a controller hand-over) repeats one pod, not ready there.
     cluster.api.put("endpointslices", {
         "metadata": {"name": "vllm-a-extra", "namespace": "default",
                      "labels": {"kubernetes.io/service-name": "vllm-a"}},
         "addressType": "IPv4",
-        "endpoints": [{"addresses": [duplicated.ip], "conditions": {"ready": False}}],
+        "endpoints": [{"addresses": [duplicated.ip], "conditions": {"ready": False},
+                       "targetRef": {"kind": "Pod", "name": duplicated.name,
+                                     "namespace": "default"}}],
         "ports": [{"name": "http", "port": 8000}],
     })
     wait_for(lambda: discovery.informer_status()[1].events_by_type.get("ADDED", 0) >= 1, 5,

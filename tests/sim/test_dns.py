@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from vllm_router_svcdisc.sim.dns import ServiceDNS, ServiceProxy
+from vllm_router_svcdisc.sim.dns import Backend, ServiceDNS, ServiceProxy
 from vllm_router_svcdisc.sim.engine import EngineMode, FakeEngine, wait_until
 
 ENGINE_PORT = 18000
@@ -109,6 +109,21 @@ def test_no_ready_backend_rejects(cluster: Cluster) -> None:
     assert cluster.proxy.rejected >= 1
     cluster.ready = [cluster.engines[0].address]
     assert get(cluster.url + "/health").status_code == 200
+
+
+def test_terminating_serving_backends_are_the_fallback(cluster: Cluster) -> None:
+    """kube-proxy (>= 1.28): with no ready endpoint, serving-but-terminating ones get traffic;
+    as soon as one is ready again only the ready ones do."""
+    first, second = (e.address for e in cluster.engines)
+    cluster.ready = [Backend(*first, ready=False, serving=True, terminating=True),
+                     Backend(*second, ready=False, serving=False, terminating=True)]
+    for _ in range(3):
+        assert get(cluster.url + "/health").status_code == 200
+    assert cluster.proxy.connections_by_backend() == {first: 3}
+    cluster.ready = [Backend(*first, ready=False, serving=True, terminating=True),
+                     Backend(*second)]
+    assert get(cluster.url + "/health").status_code == 200
+    assert cluster.proxy.connections_by_backend() == {first: 3, second: 1}
 
 
 def test_backend_down_resets_client(cluster: Cluster) -> None:

@@ -3,8 +3,17 @@
 It plays the Kubernetes controllers (endpointslice, endpoints, kubelet readiness) against the
 fake API server, starts a fake vLLM engine per pod on its own loopback IP, and a mini
 kube-proxy plus a DNS entry per Service, so ``http://<svc>.<ns>.svc.<domain>:<port>`` really
-reaches a ready pod.  Every method is synchronous: when it returns, the API server already
-holds the new state (watchers see it as fast as their streams deliver).
+reaches a ready pod.  Services select pods by labels, as in Kubernetes: a pod created for one
+Service (its *owner*, which scales and deletes it) is also behind every other Service whose
+selector its labels match.  Every method is synchronous: when it returns, the API server
+already holds the new state (watchers see it as fast as their streams deliver).
+
+Topologies beyond the plain one (each as the real controllers write it): headless Services,
+``publishNotReadyAddresses``, dual-stack slice pairs, endpoints with several addresses,
+hostNetwork pods sharing the node's IP on different ports, a named ``targetPort`` resolving
+to a different container port per pod (one slice per distinct port mapping, one v1 Endpoints
+subset per distinct port set), several Services over the same pods, and headless Services
+without ports (a slice port entry with neither name nor number: "all ports").
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .apiserver import FakeApiServer
-from .dns import ServiceDNS, ServiceProxy
+from .dns import Backend, ServiceDNS, ServiceProxy
 from .engine import FakeEngine
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -33,9 +42,15 @@ SLICE_CAPACITY = 100
 # 65536-address block (by PID), so concurrent test processes rarely do either.
 _POD_NET = ipaddress.ip_network("127.64.0.0/10")
 _SERVICE_NET = ipaddress.ip_network("127.32.0.0/11")
+# Second addresses nobody can reach: IPv6 from the unique-local fd00::/8 (loopback has only
+# ::1), extra IPv4 addresses of multi-address endpoints from TEST-NET-2 (RFC 5737).
+_POD_NET6 = ipaddress.ip_network("fd00:5e::/64")
+_EXTRA_NET = ipaddress.ip_network("198.51.100.0/24")
 _BLOCK = 65536
 _pod_counter = itertools.count(1 + (os.getpid() % 63) * _BLOCK)
 _service_counter = itertools.count(1 + (os.getpid() % 31) * _BLOCK)
+_pod6_counter = itertools.count(1)
+_extra_counter = itertools.count(1)
 _counter_lock = threading.Lock()
 
 #: ``factory(ip, port, model=..., **engine_options)`` -> an unstarted engine; the cluster calls
@@ -71,7 +86,11 @@ def _next_ip(net: ipaddress.IPv4Network | ipaddress.IPv6Network, counter: Any) -
 
 @dataclass
 class SimPod:
-    """A pod: its engine, its IP and its readiness as the kubelet reports it."""
+    """A pod: its engine, its IP(s), its labels and its readiness as the kubelet reports it.
+
+    ``service`` names the Service that created it (its owner); ``port`` is its container port
+    (what a named ``targetPort`` resolves to).
+    """
 
     name: str
     namespace: str
@@ -82,11 +101,20 @@ class SimPod:
     ready: bool = True
     terminating: bool = False
     node_name: str = "sim-node-1"
+    labels: dict[str, str] = field(default_factory=dict)
+    port: int = ENGINE_PORT
+    ipv6: str | None = None
+    extra_addresses: tuple[str, ...] = ()
+    host_network: bool = False
 
 
 @dataclass
 class SimService:
-    """A Service and the pods its selector matches."""
+    """A Service and the pods its selector matches (``pods``, kept up to date by the cluster).
+
+    ``target_port`` is the Service port's ``targetPort``: a number, or a name that resolves to
+    each pod's own container port.
+    """
 
     name: str
     namespace: str
@@ -101,6 +129,15 @@ class SimService:
     proxy: ServiceProxy | None = None
     next_pod: int = 0
     slice_names: list[str] = field(default_factory=list)
+    selector: dict[str, str] = field(default_factory=dict)
+    target_port: int | str = ENGINE_PORT
+    publish_not_ready: bool = False
+    dual_stack: bool = False
+    portless: bool = False
+    pod_ports: tuple[int, ...] = ()
+    host_network: bool = False
+    extra_addresses: int = 0
+    node_ip: str | None = None  # hostNetwork pods: the one node IP they all share
 
     @property
     def key(self) -> str:
@@ -108,6 +145,20 @@ class SimService:
 
     def ready_pods(self) -> list[SimPod]:
         return [p for p in self.pods.values() if p.ready and not p.terminating]
+
+    def selects(self, pod: SimPod) -> bool:
+        return (pod.namespace == self.namespace and bool(self.selector)
+                and all(pod.labels.get(k) == v for k, v in self.selector.items()))
+
+    def pod_port(self, pod: SimPod) -> int:
+        """The Service's ``targetPort`` for ``pod`` (a name resolves to its container port)."""
+        return self.target_port if isinstance(self.target_port, int) else pod.port
+
+    def endpoint_conditions(self, pod: SimPod) -> dict[str, bool]:
+        """What the endpointslice controller writes: with ``publishNotReadyAddresses`` every
+        pod is ``ready``; ``serving`` is always the pod's readiness."""
+        ready = self.publish_not_ready or (pod.ready and not pod.terminating)
+        return {"ready": ready, "serving": pod.ready, "terminating": pod.terminating}
 
 
 class SimCluster:
@@ -130,6 +181,11 @@ class SimCluster:
         self.api = api or FakeApiServer(bookmark_interval=bookmark_interval)
         self.dns = ServiceDNS(cluster_domain)
         self._services: dict[str, SimService] = {}
+        self._pods: dict[tuple[str, str], SimPod] = {}
+        # label indexes, so selection costs the matching objects, not the whole cluster:
+        # pods by each (namespace, key, value); Services by the first item of their selector
+        self._pods_by_label: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+        self._services_by_label: dict[tuple[str, str, str], set[str]] = {}
         self._lock = threading.RLock()
         self._timers: list[threading.Timer] = []
         self._started = False
@@ -147,11 +203,12 @@ class SimCluster:
         with self._lock:
             timers, self._timers = self._timers, []
             services = list(self._services.values())
+            pods = list(self._pods.values())
         for timer in timers:
             timer.cancel()
+        for pod in pods:
+            pod.engine.stop()
         for service in services:
-            for pod in service.pods.values():
-                pod.engine.stop()
             if service.proxy is not None:
                 service.proxy.stop()
         if self._started:
@@ -184,13 +241,33 @@ class SimCluster:
         port_name: str = "http",
         headless: bool = False,
         ready: bool = True,
+        selector: Mapping[str, str] | None = None,
+        publish_not_ready: bool = False,
+        dual_stack: bool = False,
+        pod_ports: Sequence[int] = (),
+        host_network: bool = False,
+        extra_addresses: int = 0,
+        portless: bool = False,
         **engine_options: Any,
     ) -> SimService:
         """Create a Service with ``replicas`` pods (engines started, endpoints published).
 
+        ``selector`` (default ``{"app": name, "model": <model>}``, the labels its own pods get)
+        may match pods of other Services: they are behind this one too.
+        ``publish_not_ready`` sets ``publishNotReadyAddresses``; ``dual_stack`` gives the
+        Service ``ipFamilies: [IPv4, IPv6]`` and each pod an (unreachable) IPv6 address, so
+        the controller writes an IPv4 and an IPv6 slice; ``pod_ports`` makes ``targetPort``
+        the port name and gives the new pods these container ports in turn (one slice per
+        distinct port); ``host_network`` puts every new pod on one shared node IP (needs
+        distinct ``pod_ports``); ``extra_addresses`` lists that many more (unreachable)
+        addresses per endpoint; ``portless`` is a headless Service without ports.
         ``engine_options`` go to every :class:`FakeEngine` (``api_key``, ``lora_adapters``,
         ``dp_ranks``, ``legacy_names``...).
         """
+        if host_network and len(set(pod_ports)) < max(1, replicas):
+            raise ValueError("hostNetwork pods share one IP: give each a port (pod_ports)")
+        if portless and not headless:
+            raise ValueError("only a headless Service may have no ports")
         with self._lock:
             if f"{namespace}/{name}" in self._services:
                 raise ValueError(f"service {namespace}/{name} exists")
@@ -198,6 +275,11 @@ class SimCluster:
                 name=name, namespace=namespace, labels=dict(labels or {"app": "vllm"}),
                 port=port, port_name=port_name, headless=headless, cluster_ip=None,
                 model=model, engine_options=dict(engine_options),
+                selector=dict(selector or {"app": name, "model": _label_value(model)}),
+                target_port=port_name if pod_ports else self.engine_port,
+                publish_not_ready=publish_not_ready, dual_stack=dual_stack, portless=portless,
+                pod_ports=tuple(pod_ports), host_network=host_network,
+                extra_addresses=extra_addresses,
             )
             if not headless:
                 backends = self._backends_of(service)
@@ -206,9 +288,11 @@ class SimCluster:
                 service.cluster_ip = cluster_ip = service.proxy.ip
                 self.dns.register(namespace, name, lambda: [cluster_ip])
             else:
-                self.dns.register(namespace, name,
-                                  lambda: [p.ip for p in service.ready_pods()])
+                self.dns.register(namespace, name, self._headless_addresses(service))
             self._services[service.key] = service
+            self._services_by_label.setdefault(self._service_index_key(service),
+                                               set()).add(service.key)
+            service.pods = {p.name: p for p in self._candidates(service) if service.selects(p)}
             self.api.put("services", self._service_object(service))
             for _ in range(replicas):
                 self._new_pod(service, ready=ready)
@@ -216,17 +300,22 @@ class SimCluster:
             return service
 
     def delete_service(self, name: str, namespace: str = "default") -> None:
-        """Delete the Service, its pods and its endpoints (as garbage collection would)."""
+        """Delete the Service, its endpoints and the pods it created (as garbage collection
+        of their owner would); other Services selecting those pods lose them."""
         with self._lock:
             service = self._services.pop(f"{namespace}/{name}")
+            self._services_by_label.get(self._service_index_key(service),
+                                        set()).discard(service.key)
             self.api.delete("services", namespace, name)
             for slice_name in service.slice_names:
                 self.api.delete("endpointslices", namespace, slice_name)
             self.api.delete("endpoints", namespace, name)
-            for pod in list(service.pods.values()):
-                self.api.delete("pods", namespace, pod.name)
-                pod.engine.stop()
+            owned = [p for p in service.pods.values() if p.service == name]
+            for pod in owned:
+                self._remove_pod(pod)
             self.dns.unregister(namespace, name)
+            for other in self._services_of(*owned):
+                self._sync_endpoints(other)
         if service.proxy is not None:
             service.proxy.stop()
 
@@ -259,41 +348,49 @@ class SimCluster:
             return list(self._services.values())
 
     def url_of(self, name: str, namespace: str = "default") -> str:
-        """The Service DNS URL discovery should report."""
+        """The Service DNS URL discovery should report: the Service port, or for a headless
+        Service (no port translation) the pods' target port."""
         service = self.service(name, namespace)
-        return f"http://{name}.{namespace}.svc.{self.cluster_domain}:{service.port}"
+        port = service.port
+        if service.headless:
+            port = (service.target_port if isinstance(service.target_port, int)
+                    else service.pod_ports[0])
+        return f"http://{name}.{namespace}.svc.{self.cluster_domain}:{port}"
 
     # -- pods --------------------------------------------------------------------------------
 
     def pods(self, name: str, namespace: str = "default") -> list[SimPod]:
+        """The pods the Service selects (its own and any other whose labels match)."""
         with self._lock:
             return list(self.service(name, namespace).pods.values())
 
     def scale(self, name: str, replicas: int, namespace: str = "default") -> None:
-        """Add pods or remove the newest ones (removed pods go away at once)."""
+        """Add pods or remove the newest of the pods this Service created (at once)."""
         with self._lock:
             service = self.service(name, namespace)
-            live = [p for p in service.pods.values() if not p.terminating]
+            live = [p for p in service.pods.values() if not p.terminating and p.service == name]
             for _ in range(replicas - len(live)):
                 self._new_pod(service, ready=True)
-            for pod in live[replicas:] if replicas < len(live) else []:
-                self._remove_pod(service, pod)
-            self._sync_endpoints(service)
+            removed = live[replicas:] if replicas < len(live) else []
+            others = self._services_of(*removed)
+            for pod in removed:
+                self._remove_pod(pod)
+            for affected in {service.key: service, **{s.key: s for s in others}}.values():
+                self._sync_endpoints(affected)
 
     def add_pod(self, name: str, namespace: str = "default", *, ready: bool = True) -> SimPod:
         with self._lock:
             service = self.service(name, namespace)
             pod = self._new_pod(service, ready=ready)
-            self._sync_endpoints(service)
+            self._sync_pod(pod)
             return pod
 
     def set_ready(self, pod: SimPod, ready: bool) -> None:
         """The kubelet's readiness probe result changed; the Service object is untouched."""
         with self._lock:
             pod.ready = ready
-            service = self.service(pod.service, pod.namespace)
             self.api.put("pods", self._pod_object(pod))
-            self._sync_endpoints(service)
+            self._sync_pod(pod)
 
     def terminate_pod(self, pod: SimPod, *, pre_stop: float = 0.0) -> None:
         """Graceful deletion begins: the endpoint shows terminating at once; the engine gets
@@ -301,9 +398,8 @@ class SimCluster:
         sleep of ``pre_stop`` seconds, serving normally until then."""
         with self._lock:
             pod.terminating = True
-            service = self.service(pod.service, pod.namespace)
             self.api.put("pods", self._pod_object(pod))
-            self._sync_endpoints(service)
+            self._sync_pod(pod)
         if pre_stop > 0:
             self._after(pre_stop, self._sigterm, pod)
         else:
@@ -317,16 +413,16 @@ class SimCluster:
     def finish_termination(self, pod: SimPod) -> None:
         """The pod exited: its engine stops, the pod and its endpoint go away."""
         with self._lock:
-            service = self.service(pod.service, pod.namespace)
-            self._remove_pod(service, pod)
-            self._sync_endpoints(service)
+            services = self._services_of(pod)
+            self._remove_pod(pod)
+            for service in services:
+                self._sync_endpoints(service)
 
     def kill_pod(self, pod: SimPod, *, endpoint_delay: float = 0.0) -> None:
         """The pod dies without warning; its endpoint is removed ``endpoint_delay`` s later."""
         pod.engine.stop()
         if endpoint_delay <= 0:
-            if pod.name in self.service(pod.service, pod.namespace).pods:
-                self.finish_termination(pod)
+            self._finish_if_present(pod)
             return
         self._after(endpoint_delay, self._finish_if_present, pod)
 
@@ -342,60 +438,140 @@ class SimCluster:
     def reschedule(self, pod: SimPod) -> SimPod:
         """Delete the pod and start a replacement with a new IP (ready at once)."""
         with self._lock:
-            service = self.service(pod.service, pod.namespace)
-            self._remove_pod(service, pod)
-            replacement = self._new_pod(service, ready=True)
-            self._sync_endpoints(service)
+            owner = self.service(pod.service, pod.namespace)
+            services = self._services_of(pod)
+            self._remove_pod(pod)
+            replacement = self._new_pod(owner, ready=True)
+            for service in {s.key: s for s in [*services, *self._services_of(replacement)]
+                            }.values():
+                self._sync_endpoints(service)
             return replacement
 
     # -- controllers -------------------------------------------------------------------------
 
     def _finish_if_present(self, pod: SimPod) -> None:
         with self._lock:
-            service = self._services.get(f"{pod.namespace}/{pod.service}")
-            if service is None or pod.name not in service.pods:
+            if self._pods.get((pod.namespace, pod.name)) is not pod:
                 return
-            self._remove_pod(service, pod)
+            self.finish_termination(pod)
+
+    def _service_index_key(self, service: SimService) -> tuple[str, str, str]:
+        first = min(service.selector.items(), default=("", ""))
+        return (service.namespace, *first)
+
+    def _candidates(self, service: SimService) -> list[SimPod]:
+        key = self._service_index_key(service)
+        return [self._pods[k] for k in self._pods_by_label.get(key, ())]
+
+    def _services_of(self, *pods: SimPod) -> list[SimService]:
+        """The Services whose selector matches any of ``pods`` (through the label index)."""
+        found: dict[str, SimService] = {}
+        for pod in pods:
+            for label in pod.labels.items():
+                for key in self._services_by_label.get((pod.namespace, *label), ()):
+                    service = self._services[key]
+                    if service.selects(pod):
+                        found[key] = service
+        return list(found.values())
+
+    def _sync_pod(self, pod: SimPod) -> None:
+        for service in self._services_of(pod):
             self._sync_endpoints(service)
 
-    def _new_pod(self, service: SimService, *, ready: bool) -> SimPod:
-        name = f"{service.name}-{service.next_pod}-{uuid.uuid4().hex[:5]}"
-        service.next_pod += 1
-        engine = _on_free_ip(_POD_NET, _pod_counter, lambda ip: self._engine_factory(
-            ip, self.engine_port, model=service.model, **service.engine_options).start())
-        pod = SimPod(name=name, namespace=service.namespace, service=service.name, ip=engine.ip,
-                     engine=engine, ready=ready)
-        service.pods[name] = pod
+    def _new_pod(self, owner: SimService, *, ready: bool) -> SimPod:
+        index = owner.next_pod
+        name = f"{owner.name}-{index}-{uuid.uuid4().hex[:5]}"
+        owner.next_pod += 1
+        port = owner.pod_ports[index % len(owner.pod_ports)] if owner.pod_ports \
+            else self.engine_port
+
+        def start(ip: str) -> FakeEngine:
+            return self._engine_factory(ip, port, model=owner.model,
+                                        **owner.engine_options).start()
+
+        if owner.host_network and owner.node_ip is not None:
+            engine = start(owner.node_ip)
+        else:
+            engine = _on_free_ip(_POD_NET, _pod_counter, start)
+            if owner.host_network:
+                owner.node_ip = engine.ip
+        pod = SimPod(name=name, namespace=owner.namespace, service=owner.name, ip=engine.ip,
+                     engine=engine, ready=ready, labels=dict(owner.selector), port=port,
+                     host_network=owner.host_network)
+        if owner.dual_stack:
+            pod.ipv6 = _next_ip(_POD_NET6, _pod6_counter)
+        pod.extra_addresses = tuple(_next_ip(_EXTRA_NET, _extra_counter)
+                                    for _ in range(owner.extra_addresses))
+        self._pods[(pod.namespace, name)] = pod
+        for label in pod.labels.items():
+            self._pods_by_label.setdefault((pod.namespace, *label), set()).add(
+                (pod.namespace, name))
+        for service in self._services_of(pod):
+            service.pods[name] = pod
         self.api.put("pods", self._pod_object(pod))
         return pod
 
-    def _remove_pod(self, service: SimService, pod: SimPod) -> None:
-        service.pods.pop(pod.name, None)
+    def _remove_pod(self, pod: SimPod) -> None:
+        for service in self._services_of(pod):
+            service.pods.pop(pod.name, None)
+        self._pods.pop((pod.namespace, pod.name), None)
+        for label in pod.labels.items():
+            self._pods_by_label.get((pod.namespace, *label), set()).discard(
+                (pod.namespace, pod.name))
         pod.engine.stop()
         self.api.delete("pods", pod.namespace, pod.name)
 
     def _backends_of(self, service: SimService) -> Any:
-        port = self.engine_port
+        """What kube-proxy reads from the slices: each endpoint's address, port, conditions."""
 
-        def backends() -> list[tuple[str, int]]:
+        def backends() -> list[Backend]:
             with self._lock:
-                return [(p.ip, port) for p in service.ready_pods()]
+                return [Backend(p.ip, service.pod_port(p), **service.endpoint_conditions(p))
+                        for p in service.pods.values()]
 
         return backends
 
+    def _headless_addresses(self, service: SimService) -> Callable[[], list[str]]:
+        """Cluster DNS for a headless Service: the IPv4 address of every endpoint the slices
+        mark ready (with ``publishNotReadyAddresses``, every pod)."""
+
+        def addresses() -> list[str]:
+            with self._lock:
+                return list(dict.fromkeys(
+                    p.ip for p in service.pods.values()
+                    if service.endpoint_conditions(p)["ready"]))
+
+        return addresses
+
     def _sync_endpoints(self, service: SimService) -> None:
-        """The endpointslice and endpoints controllers: publish what changed, nothing else."""
-        pods = sorted(service.pods.values(), key=lambda p: _pod_index(p.name))
-        chunks = [pods[i:i + self.slice_capacity]
-                  for i in range(0, len(pods), self.slice_capacity)] or [[]]
-        names = [f"{service.name}-{chr(ord('a') + i) if i < 26 else i}"
-                 for i in range(len(chunks))]
-        for slice_name, chunk in zip(names, chunks, strict=True):
-            wanted = self._slice_object(service, slice_name, chunk)
-            current = self.api.get("endpointslices", service.namespace, slice_name)
-            if current is None or _content(current) != _content(wanted):
-                self.api.put("endpointslices", wanted)
-        for stale in service.slice_names[len(names):]:
+        """The endpointslice and endpoints controllers: publish what changed, nothing else.
+
+        Slices hold one address family and one port mapping each, at most ``slice_capacity``
+        endpoints; the default group keeps the plain names ``<svc>-a``, ``<svc>-b``...
+        """
+        pods = sorted(service.pods.values(), key=lambda p: (p.service, _pod_index(p.name)))
+        groups: dict[tuple[str, int], list[SimPod]] = {}
+        for family in ("IPv4", "IPv6") if service.dual_stack else ("IPv4",):
+            for pod in pods:
+                if family == "IPv4" or pod.ipv6 is not None:
+                    groups.setdefault((family, service.pod_port(pod)), []).append(pod)
+        groups = groups or {("IPv4", self.engine_port): []}
+        names: list[str] = []
+        for (family, port), members in sorted(groups.items(),
+                                               key=lambda g: (g[0][0], g[0][1] != self.engine_port,
+                                                              g[0][1])):
+            prefix = service.name + ("-v6" if family == "IPv6" else "") + (
+                "" if port == self.engine_port else f"-p{port}")
+            chunks = [members[i:i + self.slice_capacity]
+                      for i in range(0, len(members), self.slice_capacity)] or [[]]
+            for i, chunk in enumerate(chunks):
+                slice_name = f"{prefix}-{chr(ord('a') + i) if i < 26 else i}"
+                names.append(slice_name)
+                wanted = self._slice_object(service, slice_name, chunk, family, port)
+                current = self.api.get("endpointslices", service.namespace, slice_name)
+                if current is None or _content(current) != _content(wanted):
+                    self.api.put("endpointslices", wanted)
+        for stale in set(service.slice_names) - set(names):
             self.api.delete("endpointslices", service.namespace, stale)
         service.slice_names = names
         endpoints = self._endpoints_object(service, pods)
@@ -406,35 +582,49 @@ class SimCluster:
     # -- object builders ---------------------------------------------------------------------
 
     def _service_object(self, service: SimService) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "selector": dict(service.selector),
+            "ports": [] if service.portless else [
+                {"name": service.port_name, "port": service.port,
+                 "targetPort": service.target_port, "protocol": "TCP"}],
+            "clusterIP": service.cluster_ip or "None",
+            "type": "ClusterIP",
+            "ipFamilies": ["IPv4", "IPv6"] if service.dual_stack else ["IPv4"],
+            "ipFamilyPolicy": "RequireDualStack" if service.dual_stack else "SingleStack",
+        }
+        if service.publish_not_ready:
+            spec["publishNotReadyAddresses"] = True
         return {
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": service.name, "namespace": service.namespace,
                          "labels": dict(service.labels)},
-            "spec": {
-                "selector": {"app": service.name, "model": _label_value(service.model)},
-                "ports": [{"name": service.port_name, "port": service.port,
-                           "targetPort": self.engine_port, "protocol": "TCP"}],
-                "clusterIP": service.cluster_ip or "None",
-                "type": "ClusterIP",
-            },
+            "spec": spec,
         }
 
     def _pod_object(self, pod: SimPod) -> dict[str, Any]:
         metadata: dict[str, Any] = {"name": pod.name, "namespace": pod.namespace,
-                                    "uid": pod.uid, "labels": {"app": pod.service}}
+                                    "uid": pod.uid, "labels": dict(pod.labels)}
         if pod.terminating:
             metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        ips = [pod.ip, *([pod.ipv6] if pod.ipv6 else [])]
         return {
             "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
-            "spec": {"nodeName": pod.node_name},
+            "spec": {"nodeName": pod.node_name, "hostNetwork": pod.host_network,
+                     "containers": [{"name": "vllm", "ports": [
+                         {"name": "http", "containerPort": pod.port}]}]},
             "status": {
-                "phase": "Running", "podIP": pod.ip,
+                "phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": ip} for ip in ips],
                 "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
             },
         }
 
-    def _slice_object(self, service: SimService, name: str,
-                      pods: Sequence[SimPod]) -> dict[str, Any]:
+    def _slice_object(self, service: SimService, name: str, pods: Sequence[SimPod],
+                      family: str, port: int) -> dict[str, Any]:
+        def addresses(p: SimPod) -> list[str]:
+            if family == "IPv6":
+                return [p.ipv6] if p.ipv6 else []
+            return [p.ip, *p.extra_addresses]
+
         return {
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {
@@ -442,33 +632,40 @@ class SimCluster:
                 "labels": {"kubernetes.io/service-name": service.name,
                            "endpointslice.kubernetes.io/managed-by": "sim"},
             },
-            "addressType": "IPv4",
+            "addressType": family,
             "endpoints": [
                 {
-                    "addresses": [p.ip],
-                    "conditions": {"ready": p.ready and not p.terminating,
-                                   "serving": p.ready, "terminating": p.terminating},
+                    "addresses": addresses(p),
+                    "conditions": service.endpoint_conditions(p),
                     "targetRef": {"kind": "Pod", "name": p.name, "namespace": p.namespace,
                                   "uid": p.uid},
                     "nodeName": p.node_name,
                 }
                 for p in pods
             ],
-            "ports": [{"name": service.port_name, "port": self.engine_port, "protocol": "TCP"}],
+            "ports": ([{"name": None, "port": None, "protocol": "TCP"}] if service.portless
+                      else [{"name": service.port_name, "port": port, "protocol": "TCP"}]),
         }
 
     def _endpoints_object(self, service: SimService, pods: Sequence[SimPod]) -> dict[str, Any]:
+        """The endpoints controller: one subset per distinct port; with
+        ``publishNotReadyAddresses`` every pod is in ``addresses``."""
+
         def address(p: SimPod) -> dict[str, Any]:
             return {"ip": p.ip, "nodeName": p.node_name,
                     "targetRef": {"kind": "Pod", "name": p.name, "namespace": p.namespace}}
 
-        ready = [address(p) for p in pods if p.ready and not p.terminating]
-        not_ready = [address(p) for p in pods if not (p.ready and not p.terminating)]
+        by_port: dict[int, list[SimPod]] = {}
+        for pod in pods:
+            by_port.setdefault(service.pod_port(pod), []).append(pod)
         subsets = []
-        if ready or not_ready:
+        for port, members in sorted(by_port.items()):
+            ready = [address(p) for p in members if service.endpoint_conditions(p)["ready"]]
+            not_ready = [address(p) for p in members
+                         if not service.endpoint_conditions(p)["ready"]]
             subset: dict[str, Any] = {
-                "ports": [{"name": service.port_name, "port": self.engine_port,
-                           "protocol": "TCP"}],
+                "ports": [] if service.portless else [
+                    {"name": service.port_name, "port": port, "protocol": "TCP"}],
             }
             if ready:
                 subset["addresses"] = ready

@@ -5,7 +5,8 @@
 loopback addresses: the ClusterIP of a :class:`ServiceProxy` for a normal Service, or the ready pod
 IPs for a headless one. :class:`ServiceProxy` is a TCP forwarder listening on the ClusterIP and the
 Service port that, like kube-proxy, picks one of the *current* ready endpoints for every new
-connection (round-robin) and rejects connections when there is none.
+connection (round-robin), falls back to serving-but-terminating ones when none is ready (as
+kube-proxy does since Kubernetes 1.28), and rejects connections when there is neither.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["ServiceDNS", "ServiceProxy"]
+__all__ = ["Backend", "ServiceDNS", "ServiceProxy"]
 
 _POLL = 0.05  # seconds; bound of every blocking wait
 _BUF = 65536
@@ -35,12 +36,30 @@ def _reset_close(sock: socket.socket) -> None:
         sock.close()
 
 
+class Backend(NamedTuple):
+    """One endpoint as kube-proxy reads it from the EndpointSlices."""
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+def usable_backends(endpoints: Sequence[Backend]) -> list[Backend]:
+    """kube-proxy's choice: the ready endpoints; when there is none, the serving-but-
+    terminating ones (traffic keeps flowing while every pod of a Service drains)."""
+    ready = [e for e in endpoints if e.ready]
+    return ready or [e for e in endpoints if e.serving and e.terminating]
+
+
 class ServiceProxy:
     """A kube-proxy-like TCP forwarder for one ClusterIP Service port.
 
-    ``backends`` is called at every new accepted connection and returns the current ready
-    endpoints ``(ip, port)``; one of them is picked round-robin. With no backend the client
-    connection is reset at once. Established connections stay on their backend (like conntrack)
+    ``backends`` is called at every new accepted connection and returns the current endpoints,
+    as ``(ip, port)`` pairs (ready) or :class:`Backend` tuples with their conditions; one of
+    :func:`usable_backends` is picked round-robin. With none the client connection is reset
+    at once. Established connections stay on their backend (like conntrack)
     until either side closes or :meth:`stop` is called.
     """
 
@@ -165,7 +184,8 @@ class ServiceProxy:
 
     def _pick(self) -> tuple[str, int] | None:
         try:
-            current = [(str(h), int(p)) for h, p in self._backends()]
+            current = [(e.ip, e.port) for e in usable_backends(
+                [Backend(str(item[0]), int(item[1]), *item[2:]) for item in self._backends()])]
         except Exception:
             current = []
         if not current:

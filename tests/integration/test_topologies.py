@@ -1,0 +1,133 @@
+"""Discovery through the real client on every cluster topology the simulator models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import wait_for
+from tests.integration.test_discovery import state
+from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.sim.cluster import SimCluster
+
+
+def view(discovery: K8sServiceDiscovery, name: str) -> Any:
+    return discovery.get_service_status().get(f"default/{name}")
+
+
+def wait_routable(discovery: K8sServiceDiscovery, name: str, ready: int,
+                  timeout: float = 15.0) -> Any:
+    """Wait until the Service is routable with ``ready`` routable pods; returns its view."""
+    def routable() -> Any:
+        v = view(discovery, name)
+        return v if v is not None and v.routable and len(v.ready_pods) == ready else None
+
+    return wait_for(routable, timeout, lambda: state(discovery))
+
+
+def pod_entries(discovery: K8sServiceDiscovery) -> list[tuple[str, str | None]]:
+    return sorted((e.url, e.pod_name) for e in discovery.get_pod_endpoint_info())
+
+
+def test_headless_service_dials_the_target_port(cluster: SimCluster, make_discovery: Any) -> None:
+    cluster.add_service("hl", replicas=2, headless=True, port=80)
+    discovery = make_discovery(cluster)
+    v = wait_routable(discovery, "hl", 2)
+    assert v.url == "http://hl.default.svc.cluster.local:8000" == cluster.url_of("hl")
+    assert [e.url for e in discovery.get_endpoint_info()] == [v.url]
+    assert discovery.get_endpoint_info()[0].model_names  # probed through the headless name
+
+
+def test_headless_pods_on_different_ports(cluster: SimCluster, make_discovery: Any) -> None:
+    cluster.add_service("mixed", replicas=3, headless=True, pod_ports=(8001, 8001, 8002))
+    discovery = make_discovery(cluster)
+    v = wait_routable(discovery, "mixed", 3)
+    assert v.url.endswith(":8001") and "8002 (1 pods)" in (v.note or "")
+    assert sorted(p.port for p in v.pods) == [8001, 8001, 8002]
+
+
+def test_publish_not_ready_addresses_follow_serving(cluster: SimCluster,
+                                                    make_discovery: Any) -> None:
+    cluster.add_service("lws", replicas=3, headless=True, publish_not_ready=True)
+    discovery = make_discovery(cluster, routing="pod")
+    wait_routable(discovery, "lws", 3)
+    unready = cluster.pods("lws")[0]
+    cluster.set_ready(unready, False)
+    v = wait_routable(discovery, "lws", 2)
+    assert unready.ip not in {p.ip for p in v.ready_pods}
+    assert unready.name not in {name for _url, name in pod_entries(discovery)}
+    assert len(discovery.get_endpoint_info()) == 2
+
+
+def test_a_pod_behind_several_services_is_listed_once(cluster: SimCluster,
+                                                      make_discovery: Any) -> None:
+    owner = cluster.add_service("llama", replicas=2)
+    cluster.add_service("llama-peers", replicas=0, headless=True, selector=owner.selector)
+    cluster.add_service("all-models", replicas=0, selector={"app": "llama"})
+    discovery = make_discovery(cluster, routing="pod")
+    for name in ("llama", "llama-peers", "all-models"):
+        wait_routable(discovery, name, 2)
+    expected = sorted((f"http://{p.ip}:8000", p.name) for p in cluster.pods("llama"))
+    assert pod_entries(discovery) == expected
+    assert len(discovery.get_snapshot().endpoint_infos) == 3
+    cluster.delete_service("all-models")
+    wait_for(lambda: view(discovery, "all-models") is None, 10, lambda: state(discovery))
+    assert pod_entries(discovery) == expected
+
+
+def test_dual_stack_pods_are_counted_once_in_the_primary_family(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    cluster.add_service("ds", replicas=2, dual_stack=True)
+    discovery = make_discovery(cluster, routing="pod")
+    v = wait_routable(discovery, "ds", 2)
+    assert v.ip_family == "IPv4"
+    assert sorted(p.ip for p in v.pods) == sorted(p.ip for p in cluster.pods("ds"))
+    assert len(discovery.get_endpoint_info()) == 2
+    ipv6 = make_discovery(cluster, ip_family="IPv6")
+    v6 = wait_routable(ipv6, "ds", 2)  # the preference: the IPv6 addresses, still once each
+    assert sorted(p.ip for p in v6.pods) == sorted(str(p.ipv6) for p in cluster.pods("ds"))
+
+
+def test_multi_address_endpoint_is_one_pod(cluster: SimCluster, make_discovery: Any) -> None:
+    cluster.add_service("multi", replicas=2, extra_addresses=2)
+    discovery = make_discovery(cluster, routing="pod")
+    v = wait_routable(discovery, "multi", 2)
+    assert sorted(p.ip for p in v.pods) == sorted(p.ip for p in cluster.pods("multi"))
+    assert len(discovery.get_endpoint_info()) == 2
+
+
+def test_host_network_pods_sharing_an_ip_are_two_pods(cluster: SimCluster,
+                                                      make_discovery: Any) -> None:
+    cluster.add_service("hn", replicas=2, host_network=True, pod_ports=(8000, 8001))
+    discovery = make_discovery(cluster, routing="pod")
+    wait_routable(discovery, "hn", 2)
+    assert pod_entries(discovery) == sorted((f"http://{p.ip}:{p.port}", p.name)
+                                            for p in cluster.pods("hn"))
+    assert len({url.rsplit(":", 1)[0] for url, _ in pod_entries(discovery)}) == 1
+
+
+def test_named_target_port_resolving_per_pod(cluster: SimCluster, make_discovery: Any) -> None:
+    cluster.add_service("named", replicas=3, pod_ports=(8000, 8001))
+    discovery = make_discovery(cluster, routing="pod")
+    v = wait_routable(discovery, "named", 3)
+    assert v.url == cluster.url_of("named")  # a ClusterIP Service: kube-proxy translates
+    assert pod_entries(discovery) == sorted((f"http://{p.ip}:{p.port}", p.name)
+                                            for p in cluster.pods("named"))
+
+
+def test_v1_endpoints_subsets_keep_their_ports(cluster: SimCluster,
+                                               make_discovery: Any) -> None:
+    cluster.api.disable_resource("endpointslices")
+    cluster.add_service("named", replicas=3, pod_ports=(8000, 8001))
+    discovery = make_discovery(cluster, routing="pod")
+    wait_routable(discovery, "named", 3)
+    assert pod_entries(discovery) == sorted((f"http://{p.ip}:{p.port}", p.name)
+                                            for p in cluster.pods("named"))
+
+
+def test_portless_headless_service_uses_the_wanted_port(cluster: SimCluster,
+                                                        make_discovery: Any) -> None:
+    cluster.add_service("any", replicas=2, headless=True, portless=True)
+    discovery = make_discovery(cluster, port=8000)
+    v = wait_routable(discovery, "any", 2)
+    assert v.url == cluster.url_of("any") == "http://any.default.svc.cluster.local:8000"
+    assert {p.port for p in v.pods} == {8000}

@@ -1,0 +1,157 @@
+"""The cache's coordination: store, views and publisher, without any network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.unit.test_view import endpoint, eps, service
+from vllm_router_svcdisc.cache import DiscoveryCache, ProbeTarget
+from vllm_router_svcdisc.informer import ADDED, DELETED, Change
+from vllm_router_svcdisc.types import ModelInfo
+from vllm_router_svcdisc.view import ModelProbe
+
+
+def probe(*models: str) -> ModelProbe:
+    return ModelProbe(ok=True, models={m: ModelInfo(id=m) for m in models})
+
+
+def add(obj: dict[str, Any]) -> Change:
+    meta = obj["metadata"]
+    return Change(ADDED, f"{meta['namespace']}/{meta['name']}", obj)
+
+
+def delete(key: str) -> Change:
+    return Change(DELETED, key, None)
+
+
+class Recorder:
+    """A probe listener that checks it is told under the cache's lock."""
+
+    def __init__(self) -> None:
+        self.cache: DiscoveryCache | None = None
+        self.calls: list[tuple[list[ProbeTarget], list[str], int]] = []
+
+    def __call__(self, targets: Any, gone: Any) -> None:
+        assert self.cache is not None and self.cache._lock.locked()
+        self.calls.append((list(targets), list(gone), self.cache.snapshot.version))
+
+
+@pytest.fixture
+def cache() -> tuple[DiscoveryCache, Recorder]:
+    recorder = Recorder()
+    c = DiscoveryCache(port=None, cluster_domain="cluster.local.", on_probe_needed=recorder)
+    recorder.cache = c
+    return c, recorder
+
+
+def shared_pods_cluster(c: DiscoveryCache) -> None:
+    """Two Services (a per-model one and an "all" one) over the same two pods."""
+    c.apply_service_changes([add(service("one")), add(service("all"))])
+    pods = [endpoint("p1", "10.1.0.1"), endpoint("p2", "10.1.0.2")]
+    c.apply_endpoint_changes([add(eps("one-a", pods, svc="one")),
+                              add(eps("all-a", pods, svc="all"))])
+    c.set_probes([("ns/one", probe("m1")), ("ns/all", probe("m1", "m2"))])
+
+
+def test_a_pod_behind_two_services_is_listed_once(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    snapshot = c.snapshot
+    assert sorted(i.url for i in snapshot.endpoint_infos) == [
+        "http://all.ns.svc.cluster.local:80", "http://one.ns.svc.cluster.local:80"]
+    assert sorted(i.url for i in snapshot.pod_infos) == ["http://10.1.0.1:8000",
+                                                         "http://10.1.0.2:8000"]
+    assert {i.service_name for i in snapshot.pod_infos} == {"all"}  # the first key wins
+    assert snapshot.known_models == {"m1", "m2"}
+    # The owner leaves: the pods stay, now under the other Service.
+    c.apply_service_changes([delete("ns/all")])
+    assert {i.service_name for i in c.snapshot.pod_infos} == {"one"}
+    assert len(c.snapshot.pod_infos) == 2
+    assert c.snapshot.known_models == {"m1"}
+
+
+def test_unchanged_lists_are_shared_between_snapshots(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    before = c.snapshot
+    c.apply_service_changes([add(service("other"))])  # not routable: no endpoints
+    after = c.snapshot
+    assert after.version == before.version + 1
+    assert after.endpoint_infos is before.endpoint_infos
+    assert after.pod_infos is before.pod_infos
+    assert after.known_models is before.known_models
+    assert "ns/other" in after.services
+    with pytest.raises(TypeError):
+        after.endpoint_infos.append(None)
+
+
+def test_a_batch_is_one_publish(cache: Any) -> None:
+    c, _ = cache
+    c.apply_service_changes([add(service(f"s{i}")) for i in range(50)])
+    assert c.publish_stats()[0] == 1
+    c.apply_endpoint_changes([add(eps(f"s{i}-a", [endpoint("p", f"10.2.0.{i}")], svc=f"s{i}"))
+                              for i in range(50)])
+    c.set_probes([(f"ns/s{i}", probe("m")) for i in range(50)])
+    assert c.publish_stats()[0] == 3
+    assert len(c.snapshot.endpoint_infos) == 50
+    # Slices of a Service nobody selected change nothing: no publish.
+    c.apply_endpoint_changes([add(eps("x-a", [endpoint("p", "10.3.0.1")], svc="x"))])
+    assert c.publish_stats()[0] == 3
+
+
+def test_probe_requests_are_made_under_the_lock_in_state_order(cache: Any) -> None:
+    c, recorder = cache
+    c.apply_service_changes([add(service())])
+    c.apply_endpoint_changes([add(eps("a", [endpoint("p1", "10.1.0.1")]))])
+    c.apply_endpoint_changes([add(eps("a", [endpoint("p1", "10.1.0.1"),
+                                            endpoint("p2", "10.1.0.2")]))])
+    c.apply_service_changes([delete("ns/svc")])
+    assert recorder.calls == [
+        ([("ns/svc", "http://svc.ns.svc.cluster.local:80", ("10.1.0.1",))], [], 2),
+        ([("ns/svc", "http://svc.ns.svc.cluster.local:80", ("10.1.0.1", "10.1.0.2"))], [], 3),
+        ([], ["ns/svc"], 4),
+    ]
+    assert c.sizes()["services"] == 0 and c.sizes()["probes"] == 0
+
+
+def test_an_unreachable_engine_keeps_its_models(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    c.set_probe("ns/one", ModelProbe(ok=False, reason="timed out", unreachable=True))
+    view = c.snapshot.services["ns/one"]
+    assert view.routable and view.probe is not None and "keeping" in (view.probe.reason or "")
+    c.set_probe("ns/one", ModelProbe(ok=False, reason="bad JSON"))
+    assert not c.snapshot.services["ns/one"].routable
+    assert c.has_ever_seen_model("m2") and not c.has_ever_seen_model("m9")
+
+
+def test_a_slice_moving_service_touches_both(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    c.apply_endpoint_changes([add(eps("one-a", [endpoint("p9", "10.1.0.9")], svc="all"))])
+    assert c.snapshot.services["ns/one"].pods == ()
+    assert {p.ip for p in c.snapshot.services["ns/all"].pods} == {"10.1.0.1", "10.1.0.2",
+                                                                    "10.1.0.9"}
+    c.apply_endpoint_changes([delete("ns/one-a"), delete("ns/all-a")])
+    assert c.sizes()["slices"] == 0 and c.sizes()["indexed_services"] == 0
+
+
+def test_old_snapshots_never_change_and_behave_as_mappings(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    old = c.snapshot
+    old_pods = sorted(i.url for i in old.pod_infos)
+    c.apply_endpoint_changes([add(eps("one-a", [endpoint("p9", "10.1.0.9")], svc="one")),
+                              delete("ns/all-a")])
+    c.apply_service_changes([add(service(f"extra{i}")) for i in range(300)])  # every bucket
+    assert sorted(i.url for i in old.pod_infos) == old_pods
+    assert sorted(old.services) == ["ns/all", "ns/one"] and len(old.services) == 2
+    assert old.services["ns/one"].routable and "ns/extra1" not in old.services
+    with pytest.raises(KeyError):
+        old.services["ns/extra1"]
+    new = c.snapshot
+    assert len(new.services) == 302 == len(dict(new.services.items()))
+    assert sorted(i.url for i in new.pod_infos) == ["http://10.1.0.9:8000"]
+    assert new.pod_infos is new.pod_infos  # built once, then a plain attribute
