@@ -17,5 +17,5 @@ def health() -> tuple[int, dict[str, Any]]:
 def engines() -> dict[str, Any]:
     """What a routing logic reads per request: the endpoints and the stats keyed by url."""
     stats = get_engine_stats_scraper().get_engine_stats()
-    return {"endpoints": [info.url for info in get_service_discovery().get_endpoint_info()],
+    return {"endpoints": sorted(info.url for info in get_service_discovery().get_endpoint_info()),
             "stats": sorted(stats)}
