@@ -7,10 +7,10 @@ The loop is one line of policy: ``result = list_and_watch(); wait(delay_after(re
 cycle ends in an :class:`Outcome` that says what happened; the wait before the next cycle follows
 from it alone.  Two failure classes keep separate :class:`~.backoff.Backoff` values, because they
 mean different things: a server that does not answer, or answers errors, backs off
-exponentially (client-go's 0.8 s doubling to 30 s); a server that answered but whose stream did
-not last (a proxy ending watches at once, in-stream errors) is retried about once a second,
-never faster, and never after an exponent grown during a storm.  Any real progress (a LIST, an
-event, a bookmark) resets both.
+exponentially (client-go's 0.8 s doubling to 30 s) until it answers 200 again; a server that
+answered but whose stream did not last (a proxy ending watches at once, in-stream errors) is
+retried about once a second, never faster, and never after an exponent grown during a storm.
+Real progress (a LIST, an event, a bookmark) resets both and stops the health error clock.
 
 Why not ``kubernetes.watch.Watch.stream``: its behaviour differs between client releases 35, 36
 and 37 (``stop()`` not interrupting a read on 35, a crash deserialising ``endpoints: null``,
@@ -622,6 +622,9 @@ class Informer:
             response = self._list_func(**kwargs)
         except Exception as exc:
             raise ApiError.from_exception(exc) from exc
+        # The server answered 200: a streak of "unreachable / answers errors" is over, whatever
+        # the body or stream does next (that is the short-watch class, and health's business).
+        self._error_backoff.reset()
         self._set_response(response)
         if self._stop.is_set():
             self._abort_response()
