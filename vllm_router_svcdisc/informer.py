@@ -226,6 +226,7 @@ class Informer:
         self._paginated = False  # the first LIST came back paged: the server has no watch cache
         self._last_list_attempt: float | None = None
         self._progress_marks = 0
+        self._doubt_open_watch = False  # a watch went silent: open is no proof of progress
         self._logged_reasons: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -276,7 +277,8 @@ class Informer:
 
         A watch that has stayed open for ``MIN_HEALTHY_WATCH_SECONDS`` ends a failure streak
         even before it carries anything: on a quiet cluster the first bookmark may be a minute
-        away, and the informer is current as soon as such a watch is established.
+        away, and the informer is current as soon as such a watch is established.  Not after a
+        silent watch, though: until something arrives, an open stream may be silent again.
         """
         now = self._clock.monotonic()
         with self._lock:
@@ -289,7 +291,8 @@ class Informer:
                 }
             )
             opened = self._watch_opened
-        if opened is not None and now - opened >= MIN_HEALTHY_WATCH_SECONDS:
+            doubt = self._doubt_open_watch
+        if opened is not None and not doubt and now - opened >= MIN_HEALTHY_WATCH_SECONDS:
             status.last_error = status.error_since = status.auth_error = None
         return status
 
@@ -354,6 +357,7 @@ class Informer:
                 self._status.short_watches += 1
             elif outcome is Outcome.SILENT_WATCH:
                 self._status.silent_watches += 1
+                self._doubt_open_watch = True
                 # Nothing has arrived for the whole liveness window: the streak began then.
                 since = self._status.last_progress_time
         if outcome in (Outcome.SERVER_ERROR, Outcome.UNREACHABLE):
@@ -368,6 +372,7 @@ class Informer:
         self._short_watch_backoff.reset()
         with self._lock:
             self._status.last_progress_time = now
+            self._doubt_open_watch = False
             had_error = self._status.last_error is not None
             if had_error:
                 self._status.last_error = None

@@ -304,3 +304,24 @@ def test_a_server_that_pages_at_rv_0_gets_paged_relists_too() -> None:
     lists = [kw for _, kw in script.calls if not kw.get("watch")]
     # No watch cache (the LIST at "0" came back paged): the re-LIST at the last RV pages too.
     assert lists[2]["resource_version"] == "10" and lists[2]["limit"] == 500
+
+
+def test_after_a_silent_watch_an_open_watch_is_no_proof_until_something_arrives() -> None:
+    clock = FakeClock()
+    seen: list[InformerStatus] = []
+    timeout = urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out.")
+    bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "11"}}}
+    answers: list[Any] = [
+        Response(clock=clock, lasts=120.0, ends_with=timeout),
+        Response(clock=clock, lasts=60.0, ends_with=timeout,
+                 during=lambda: seen.append(informer.status())),
+        Response([bookmark], clock=clock, lasts=5.0),
+    ]
+    script = Script(clock, [listing()], lambda _kw: answers.pop(0) if answers else Response(
+        clock=clock, lasts=5))
+    script.max_calls = 5
+    informer = Informer("services", script, lambda changes: None, config=CONFIG, clock=clock)
+    script.informer = informer
+    informer.run()
+    assert seen[0].error_since is not None  # open 60 s after a silence: still failing
+    assert informer.status().error_since is None  # the bookmark was real progress
