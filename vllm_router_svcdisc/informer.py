@@ -7,10 +7,10 @@ The loop is one line of policy: ``result = list_and_watch(); wait(delay_after(re
 cycle ends in an :class:`Outcome` that says what happened; the wait before the next cycle follows
 from it alone.  Two failure classes keep separate :class:`~.backoff.Backoff` values, because they
 mean different things: a server that does not answer, or answers errors, backs off
-exponentially (client-go's 0.8 s doubling to 30 s); a server that answered but whose stream did
-not last (a proxy ending watches at once, in-stream errors) is retried about once a second,
-never faster, and never after an exponent grown during a storm.  Any real progress (a LIST, an
-event, a bookmark) resets both.
+exponentially (client-go's 0.8 s doubling to 30 s) until it answers 200 again; a server that
+answered but whose stream did not last (a proxy ending watches at once, in-stream errors) is
+retried about once a second, never faster, and never after an exponent grown during a storm.
+Real progress (a LIST, an event, a bookmark) resets both and stops the health error clock.
 
 Why not ``kubernetes.watch.Watch.stream``: its behaviour differs between client releases 35, 36
 and 37 (``stop()`` not interrupting a read on 35, a crash deserialising ``endpoints: null``,
@@ -226,6 +226,7 @@ class Informer:
         self._paginated = False  # the first LIST came back paged: the server has no watch cache
         self._last_list_attempt: float | None = None
         self._progress_marks = 0
+        self._doubt_open_watch = False  # a watch went silent: open is no proof of progress
         self._logged_reasons: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -276,7 +277,8 @@ class Informer:
 
         A watch that has stayed open for ``MIN_HEALTHY_WATCH_SECONDS`` ends a failure streak
         even before it carries anything: on a quiet cluster the first bookmark may be a minute
-        away, and the informer is current as soon as such a watch is established.
+        away, and the informer is current as soon as such a watch is established.  Not after a
+        silent watch, though: until something arrives, an open stream may be silent again.
         """
         now = self._clock.monotonic()
         with self._lock:
@@ -289,7 +291,8 @@ class Informer:
                 }
             )
             opened = self._watch_opened
-        if opened is not None and now - opened >= MIN_HEALTHY_WATCH_SECONDS:
+            doubt = self._doubt_open_watch
+        if opened is not None and not doubt and now - opened >= MIN_HEALTHY_WATCH_SECONDS:
             status.last_error = status.error_since = status.auth_error = None
         return status
 
@@ -354,6 +357,7 @@ class Informer:
                 self._status.short_watches += 1
             elif outcome is Outcome.SILENT_WATCH:
                 self._status.silent_watches += 1
+                self._doubt_open_watch = True
                 # Nothing has arrived for the whole liveness window: the streak began then.
                 since = self._status.last_progress_time
         if outcome in (Outcome.SERVER_ERROR, Outcome.UNREACHABLE):
@@ -368,6 +372,7 @@ class Informer:
         self._short_watch_backoff.reset()
         with self._lock:
             self._status.last_progress_time = now
+            self._doubt_open_watch = False
             had_error = self._status.last_error is not None
             if had_error:
                 self._status.last_error = None
@@ -622,6 +627,9 @@ class Informer:
             response = self._list_func(**kwargs)
         except Exception as exc:
             raise ApiError.from_exception(exc) from exc
+        # The server answered 200: a streak of "unreachable / answers errors" is over, whatever
+        # the body or stream does next (that is the short-watch class, and health's business).
+        self._error_backoff.reset()
         self._set_response(response)
         if self._stop.is_set():
             self._abort_response()

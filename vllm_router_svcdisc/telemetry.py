@@ -70,6 +70,13 @@ class DiscoveryCollector(Collector):
         watches = CounterMetricFamily(f"{PREFIX}_informer_watches",
                                       "WATCH requests opened (restarts included).",
                                       labels=["resource"])
+        requests = CounterMetricFamily(f"{PREFIX}_informer_api_requests",
+                                       "LIST and WATCH requests sent (pages and retries included).",
+                                       labels=["resource"])
+        failed_watches = CounterMetricFamily(
+            f"{PREFIX}_informer_failed_watches",
+            "Watches that failed after a 200: ended at once with nothing (short) or carried "
+            "nothing for the liveness window (silent).", labels=["resource", "kind"])
         malformed = CounterMetricFamily(f"{PREFIX}_informer_malformed_events",
                                         "Events or objects skipped as malformed.",
                                         labels=["resource"])
@@ -89,13 +96,16 @@ class DiscoveryCollector(Collector):
             for cause, count in sorted(status.relists_by_cause.items()):
                 relists.add_metric([resource, cause], count)
             watches.add_metric([resource], status.watches)
+            requests.add_metric([resource], status.requests)
+            failed_watches.add_metric([resource, "short"], status.short_watches)
+            failed_watches.add_metric([resource, "silent"], status.silent_watches)
             malformed.add_metric([resource], status.malformed_events)
             if status.last_event_time is not None:
                 since_event.add_metric([resource], now - status.last_event_time)
             if status.last_bookmark_time is not None:
                 since_bookmark.add_metric([resource], now - status.last_bookmark_time)
-        yield from (synced, auth, events, lists, relists, watches, malformed, since_event,
-                    since_bookmark)
+        yield from (synced, auth, events, lists, relists, watches, requests, failed_watches,
+                    malformed, since_event, since_bookmark)
 
     def _cache_metrics(self, discovery: K8sServiceDiscovery) -> Iterator[Metric]:
         snapshot = discovery.get_snapshot()

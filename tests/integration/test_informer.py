@@ -526,28 +526,3 @@ def test_paged_relist_restarts_on_an_expired_continue_token_and_replaces_once(
         assert recorder.types_for(f"default/s{i}") == [ADDED], recorder.types_for(f"default/s{i}")
     assert recorder.types_for("default/s4") == [ADDED, DELETED]
 
-
-def test_the_api_client_turns_tcp_keepalive_on(cluster, tmp_path):
-    import socket
-
-    import yaml
-
-    from vllm_router_svcdisc.discovery import load_api_client
-
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sim",
-        "clusters": [{"name": "sim", "cluster": {"server": cluster.api.url}}],
-        "users": [{"name": "sim", "user": {}}],
-        "contexts": [{"name": "sim", "context": {"cluster": "sim", "user": "sim"}}],
-    }))
-    api_client = load_api_client(kubeconfig=str(kubeconfig))
-    CoreV1Api(api_client).list_namespaced_service("default")
-    pool = api_client.rest_client.pool_manager.connection_from_url(cluster.api.url)
-    connection = pool._get_conn()
-    try:
-        assert connection.sock is not None  # the LIST's connection, back in the pool
-        assert connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-    finally:
-        pool._put_conn(connection)
-        api_client.close()

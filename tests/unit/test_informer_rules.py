@@ -291,3 +291,37 @@ def test_paged_list_is_applied_once_whole() -> None:
     first, second = (kw for _, kw in script.calls[:2])
     assert first["limit"] == 500 and first["resource_version"] == "0"
     assert second["_continue"] == "t1" and "resource_version" not in second
+
+
+def test_a_server_that_pages_at_rv_0_gets_paged_relists_too() -> None:
+    clock = FakeClock()
+    pages = [listing("10", [svc("a", "1")], token="t1"), listing("10", [svc("b", "2")]),
+             listing("12", [svc("a", "1"), svc("b", "2")])]
+    expired = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}}
+    answers: list[Any] = [Response([expired], clock=clock)]
+    _, script = run(clock, lambda _kw: answers.pop(0) if answers else Response(
+        clock=clock, lasts=5), lists=pages, max_calls=6)
+    lists = [kw for _, kw in script.calls if not kw.get("watch")]
+    # No watch cache (the LIST at "0" came back paged): the re-LIST at the last RV pages too.
+    assert lists[2]["resource_version"] == "10" and lists[2]["limit"] == 500
+
+
+def test_after_a_silent_watch_an_open_watch_is_no_proof_until_something_arrives() -> None:
+    clock = FakeClock()
+    seen: list[InformerStatus] = []
+    timeout = urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out.")
+    bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "11"}}}
+    answers: list[Any] = [
+        Response(clock=clock, lasts=120.0, ends_with=timeout),
+        Response(clock=clock, lasts=60.0, ends_with=timeout,
+                 during=lambda: seen.append(informer.status())),
+        Response([bookmark], clock=clock, lasts=5.0),
+    ]
+    script = Script(clock, [listing()], lambda _kw: answers.pop(0) if answers else Response(
+        clock=clock, lasts=5))
+    script.max_calls = 5
+    informer = Informer("services", script, lambda changes: None, config=CONFIG, clock=clock)
+    script.informer = informer
+    informer.run()
+    assert seen[0].error_since is not None  # open 60 s after a silence: still failing
+    assert informer.status().error_since is None  # the bookmark was real progress
