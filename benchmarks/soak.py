@@ -295,7 +295,7 @@ class Soak:
             "cache_slices": cache.sizes()["slices"],
             "cache_probes": cache.sizes()["probes"],
             "informer_known": len(d._services._known) + len(d._endpoints._known),
-            "prober_due": len(d._prober._due),
+            "prober_due": len(d._prober._targets),
             "scraper_pods": len(s._pods),
             "scraper_readings": len(s._readings),
             "api_history": len(cluster.api._history),

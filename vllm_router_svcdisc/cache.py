@@ -4,8 +4,10 @@ Writers (the two informer threads and the model prober) change the :class:`Servi
 one lock, rebuild the views of the Services they touched with the pure :func:`build_view`, and
 publish one snapshot per batch (a LIST, a watch event, a batch of probe results); readers take
 ``cache.snapshot`` — one attribute read, no lock — so a router calling on every request pays
-O(1) and never waits on a writer.  Probe requests are handed to the prober under the same lock,
-so it sees them in the order of the states they describe.
+O(1) and never waits on a writer.  Model probes are per pod: the cache tells the prober which
+pods became ready endpoints (of any selected Service) and which stopped being one, under the same
+lock, so it sees them in the order of the states they describe; a probe result rebuilds the
+views of every Service the pod belongs to.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .informer import DELETED, Change
 from .k8s_objects import ObjectError, parse_endpoint_slice, parse_endpoints, parse_service
@@ -34,15 +36,23 @@ __all__ = ["DiscoveryCache", "ModelProbe", "PortSpec", "ProbeTarget", "ReadOnlyL
 
 log = logging.getLogger(__name__)
 
-ProbeTarget = tuple[str, str, tuple[str, ...]]  # (service key, url, ready pod IPs)
+@dataclass(frozen=True)
+class ProbeTarget:
+    """What the prober checks: a ready pod's ``/v1/models`` (its URL, its name and the Services
+    it is an endpoint of), or, ``kind="name"``, that a Service's URL resolves in DNS."""
+
+    url: str
+    pod_name: str | None
+    services: tuple[str, ...]
+    kind: str = "pod"
 
 
 class DiscoveryCache:
-    """Services + endpoint slices + model probes → per-Service views → one snapshot.
+    """Services + endpoint slices + per-pod model probes → per-Service views → one snapshot.
 
-    ``on_probe_needed`` is told, while the lock is held, which Services need a model probe
-    because they appeared or changed URL or ready set, and which vanished; it must not block
-    and must not call back into the cache.
+    ``on_probe_needed`` is told, while the lock is held, which pods became ready endpoints (or
+    changed Services) and need a probe, and which pod URLs are no endpoint any more; it must
+    not block and must not call back into the cache.
     """
 
     def __init__(
@@ -51,6 +61,7 @@ class DiscoveryCache:
         port: PortSpec,
         cluster_domain: str,
         ip_family: str | None = None,
+        check_names: bool = False,
         on_probe_needed: Callable[[Sequence[ProbeTarget], Sequence[str]], None] | None = None,
     ) -> None:
         self._config = ViewConfig(port=port, cluster_domain=cluster_domain.strip("."),
@@ -58,7 +69,11 @@ class DiscoveryCache:
         self._on_probe_needed = on_probe_needed
         self._lock = threading.Lock()
         self._store = ServiceStore()
-        self._probes: dict[str, ModelProbe] = {}
+        self._probes: dict[str, ModelProbe] = {}  # pod URL -> its last probe
+        self._services_of: dict[str, set[str]] = {}  # ready pod URL -> its Services' keys
+        self._check_names = check_names  # Service routing: routers dial the Service's name
+        self._name_owner: dict[str, str] = {}  # Service URL -> its Service's key
+        self._name_errors: dict[str, str] = {}  # Service URL -> why it did not resolve
         self._added: dict[str, float] = {}
         self._publisher = SnapshotPublisher()
         self._ever_seen_models: set[str] = set()
@@ -104,27 +119,36 @@ class DiscoveryCache:
             self._refresh(touched)
 
     def set_probes(self, results: Sequence[tuple[str, ModelProbe]]) -> None:
-        """Record model probe outcomes (a batch from the prober): one publish for all."""
+        """Record pods' model probe outcomes (a batch from the prober): one publish for all."""
         touched: set[str] = set()
         with self._lock:
-            for key, probe in results:
-                if key not in self._store.services:
+            for url, probe in results:
+                owner = self._name_owner.get(url)
+                if owner is not None:  # a Service name's DNS check
+                    if probe.ok:
+                        self._name_errors.pop(url, None)
+                    else:
+                        self._name_errors[url] = probe.reason or "does not resolve"
+                    touched.add(owner)
                     continue
-                previous = self._probes.get(key)
+                services = self._services_of.get(url)
+                if not services:
+                    continue  # the pod stopped being an endpoint while it was probed
+                previous = self._probes.get(url)
                 if not probe.ok and probe.unreachable and previous is not None and previous.ok:
                     # The pods are still ready (readiness says so); an engine we could not
                     # reach this once keeps the models it served until a probe says otherwise.
                     probe = replace(previous, reason=f"last probe failed ({probe.reason}); "
                                                      "keeping the models of the previous probe")
-                self._probes[key] = probe
+                self._probes[url] = probe
                 if probe.ok:
                     self._ever_seen_models.update(probe.models)
-                touched.add(key)
-            self._refresh(touched, probe_changed=True)
+                touched |= services
+            self._refresh(touched)
 
-    def set_probe(self, key: str, probe: ModelProbe) -> None:
-        """Record one model probe's outcome."""
-        self.set_probes([(key, probe)])
+    def set_probe(self, url: str, probe: ModelProbe) -> None:
+        """Record one pod's model probe outcome."""
+        self.set_probes([(url, probe)])
 
     # -- reads (cheap helpers over the current state) ------------------------------------------
 
@@ -143,38 +167,75 @@ class DiscoveryCache:
 
     # -- internals (called with the lock held) -------------------------------------------------
 
-    def _refresh(self, keys: Iterable[str], *, probe_changed: bool = False) -> None:
+    def _refresh(self, keys: Iterable[str]) -> None:
         """Rebuild the views of ``keys``, publish once, and tell the prober what changed."""
         started = time.perf_counter()
-        targets: list[ProbeTarget] = []
-        gone: list[str] = []
+        moved: set[str] = set()  # pod URLs whose set of Services changed
+        names: dict[str, str | None] = {}  # pod URL -> pod name, for the prober's logs
+        renamed: list[tuple[str, str | None, str | None]] = []  # (Service, old URL, new URL)
         now = time.time()
         for key in sorted(keys):  # a deterministic order for lists and logs
             old = self._publisher.get(key)
+            before = _ready_urls(old)
             record = self._store.services.get(key)
             if record is None:  # deleted, or slices of a Service the selector does not match
                 if old is not None:
                     self._publisher.set_view(key, None)
-                    gone.append(key)
-                self._probes.pop(key, None)
+                    renamed.append((key, old.url, None))
                 self._added.pop(key, None)
                 self._logged_reason.pop(key, None)
+                moved |= self._index(key, before, set())
                 continue
-            view = build_view(record, self._store.slices_of(key), self._probes.get(key),
-                              config=self._config, added=self._added.get(key, now))
+            view = build_view(record, self._store.slices_of(key), self._probes,
+                              config=self._config, added=self._added.get(key, now),
+                              name_errors=self._name_errors)
+            if self._check_names and (old.url if old is not None else None) != view.url:
+                renamed.append((key, old.url if old is not None else None, view.url))
+            moved |= self._index(key, before, _ready_urls(view))
+            names.update((pod.url, pod.name) for pod in view.ready_pods)
             if view.routable:
                 self._added.setdefault(key, now)
             self._publisher.set_view(key, view)
             self._log_reason_change(view)
-            if not probe_changed and view.url is not None and view.ready_pods:
-                before = (old.url, _ready_ips(old)) if old is not None else None
-                if before != (view.url, _ready_ips(view)):
-                    targets.append((key, view.url, _ready_ips(view)))
         snapshot = self._publisher.publish()
         if snapshot is not None:
             self.snapshot = snapshot
         self._refresh_seconds += time.perf_counter() - started
-        if self._on_probe_needed is not None and (targets or gone):
+        if moved or renamed:
+            self._tell_prober(moved, names, renamed)
+
+    def _index(self, key: str, before: set[str], after: set[str]) -> set[str]:
+        """Update which Services each ready pod belongs to; returns the pods that moved."""
+        for url in before - after:
+            services = self._services_of.get(url)
+            if services is not None:
+                services.discard(key)
+                if not services:
+                    del self._services_of[url]
+        for url in after - before:
+            self._services_of.setdefault(url, set()).add(key)
+        return before ^ after
+
+    def _tell_prober(self, urls: set[str], names: dict[str, str | None],
+                     renamed: Sequence[tuple[str, str | None, str | None]] = ()) -> None:
+        targets: list[ProbeTarget] = []
+        gone: list[str] = []
+        for key, old_url, new_url in renamed:
+            if old_url is not None and self._name_owner.get(old_url) == key:
+                del self._name_owner[old_url]
+                self._name_errors.pop(old_url, None)
+                gone.append(old_url)
+            if new_url is not None:
+                self._name_owner[new_url] = key
+                targets.append(ProbeTarget(new_url, None, (key,), kind="name"))
+        for url in sorted(urls):
+            services = self._services_of.get(url)
+            if services:
+                targets.append(ProbeTarget(url, names.get(url), tuple(sorted(services))))
+            else:
+                gone.append(url)
+                self._probes.pop(url, None)  # a pod that comes back is probed afresh
+        if self._on_probe_needed is not None:
             try:
                 self._on_probe_needed(targets, gone)
             except Exception:
@@ -194,5 +255,5 @@ class DiscoveryCache:
             log.info("service %s is not routable: %s", view.key, view.reason)
 
 
-def _ready_ips(view: ServiceView) -> tuple[str, ...]:
-    return tuple(p.ip for p in view.pods if p.routable)
+def _ready_urls(view: ServiceView | None) -> set[str]:
+    return {p.url for p in view.pods if p.routable} if view is not None else set()

@@ -19,6 +19,7 @@ from .discovery import DiscoveryConfigError, K8sServiceDiscovery, load_api_clien
 from .scraper import EngineStatsScraper
 from .telemetry import register_metrics, serve_metrics
 from .types import EngineStats
+from .view import NOT_PROBED
 
 EXIT_OK, EXIT_NO_SYNC, EXIT_USAGE = 0, 1, 2
 
@@ -37,15 +38,14 @@ def service_rows(discovery: K8sServiceDiscovery,
 
 
 def _row(view: ServiceView, stats: EngineStats | None) -> dict[str, Any]:
-    models: list[str] = []
-    if view.probe is not None and view.probe.ok:
-        models = [m + ("*" if info.is_adapter else "") for m, info in view.probe.models.items()]
+    models = [m + ("*" if info.is_adapter else "") for m, info in view.models.items()]
     row: dict[str, Any] = {
         "service": view.key,
         "url": view.url,
         "ready": len(view.ready_pods),
         "pods": len(view.pods),
         "models": models,
+        "partial_models": list(view.partial_models),
         "routable": view.routable,
         "reason": view.reason,
     }
@@ -127,7 +127,7 @@ def _settle(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper, timeout
     while time.monotonic() < deadline:
         views = discovery.get_service_status().values()
         stats = scraper.get_engine_stats()
-        if all(v.probe is not None for v in views if v.ready_pods) and all(
+        if all(v.reason != NOT_PROBED for v in views) and all(
                 v.url in stats for v in views if v.routable):
             return
         time.sleep(0.05)

@@ -171,7 +171,8 @@ class K8sServiceDiscovery:
         self._api_client = api_client if api_client is not None else load_api_client()
         self._prober = ModelProber(self._record_probes, config=probe_config, api_key=api_key)
         self._cache = DiscoveryCache(port=port, cluster_domain=cluster_domain,
-                                     ip_family=ip_family, on_probe_needed=self._prober.schedule)
+                                     ip_family=ip_family, check_names=routing == "service",
+                                     on_probe_needed=self._prober.schedule)
         core = k8s_client.CoreV1Api(self._api_client)
         if self.namespace is None:
             list_services: Callable[..., Any] = core.list_service_for_all_namespaces

@@ -1,8 +1,14 @@
-"""``GET /v1/models`` through each Service's DNS name, off the informer threads.
+"""``GET /v1/models`` of every ready pod, off the informer threads.
 
-One scheduler thread decides which Service is due (new, changed, periodically, or retrying with
-backoff after a failure); a small bounded pool does the HTTP calls, so a slow or dead engine
-costs only its own worker and delays no other Service.  Results go back into the cache.
+Why per pod and not through the Service's DNS name: a pooled keep-alive connection through a
+Service VIP is pinned by kube-proxy to one pod, so a probe through the name keeps seeing that
+pod's models — after a rollout to a new model name the Service would advertise the old one
+for a whole interval, and a LoRA adapter loaded on some pods is seen or not by chance.
+
+Pods are keys of one :class:`~vllm_router_svcdisc.workqueue.WorkQueue`: a pod that becomes a
+ready endpoint is probed at once, then every ``interval``, or after its own backoff when its
+probe failed; a small set of workers does the HTTP calls, so a slow or dead engine costs only
+its own worker.  Results go back to the cache in batches (one publish for a wave of results).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,11 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import tenacity
+import urllib3
 
+from .backoff import BackoffPolicy
 from .cache import ModelProbe, ProbeTarget
 from .http import EngineCallError, EnginePool, expect_ok, fetch
 from .types import ModelInfo
-from .workers import WorkerPool
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +98,26 @@ def fetch_models(session: EnginePool, url: str, api_key: str | None,
     return retrying(attempt)
 
 
-@dataclass
-class _Due:
-    url: str
-    next_time: float
-    failures: int = 0
-    in_flight: bool = False
-
-
 ProbeResults = Sequence[tuple[str, ModelProbe]]
 
 
-class ModelProber:
-    """Keeps each routable Service's model list fresh without touching informer threads.
+def resolve_name(url: str) -> ModelProbe:
+    """Whether ``url``'s host resolves (a Service's DNS name, which routers dial): ``ok``, or
+    ``reason`` naming the DNS failure.  ``models`` stays empty: a name serves nothing."""
+    parsed = urllib3.util.parse_url(url)
+    try:
+        socket.getaddrinfo(parsed.host or "", parsed.port or 80, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return ModelProbe(ok=False, time=time.monotonic(),
+                          reason=f"{parsed.host}: {exc.strerror or exc}")
+    return ModelProbe(ok=True, time=time.monotonic())
 
-    Results are handed to ``record`` in batches by the scheduler thread (never while holding
-    the prober's lock): a wave of probes finishing together costs the cache one publish.
-    """
+#: Results wait at most this long to be delivered with others (one publish per batch).
+BATCH_SECONDS = 0.05
+
+
+class ModelProber:
+    """Keeps every ready pod's model list fresh without touching informer threads."""
 
     def __init__(
         self,
@@ -119,124 +130,141 @@ class ModelProber:
         self.config = config or ProbeConfig()
         self._record = record
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        self._session = session or EnginePool(self.config.workers)
-        self._due: dict[str, _Due] = {}
+        # one probe per pod at a time; engines close idle connections long before the next
+        self._session = session or EnginePool(1, hosts=self.config.workers)
+        first, cap = self.config.failure_backoff
+        self._queue: WorkQueue[str] = WorkQueue(backoff=BackoffPolicy(
+            initial=first / 2, factor=2.0, jitter=1.0, cap=cap, reset_after=float("inf")))
+        self._cond = threading.Condition()  # guards _targets, _results, _logged, counters
+        self._targets: dict[str, ProbeTarget] = {}
         self._results: list[tuple[str, ModelProbe]] = []
-        self._cond = threading.Condition()
-        self._stop = False
-        self._pool = WorkerPool(self.config.workers, "svcdisc-probe")
-        self._thread = threading.Thread(target=self._run, name="svcdisc-prober", daemon=True)
         self._logged: dict[str, str | None] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._deliver_batches, name="svcdisc-prober",
+                                        daemon=True)
+        self._workers = [threading.Thread(target=self._work, name=f"svcdisc-probe-{i}",
+                                          daemon=True) for i in range(self.config.workers)]
         self.probes_total = 0
         self.failures_total = 0
 
     def __repr__(self) -> str:  # never show the key
         key = "set" if self._api_key else "unset"
-        return f"ModelProber(services={len(self._due)}, api_key={key})"
+        return f"ModelProber(pods={len(self._targets)}, api_key={key})"
 
     def start(self) -> ModelProber:
         self._thread.start()
+        for worker in self._workers:
+            worker.start()
         return self
 
     def schedule(self, targets: Sequence[ProbeTarget], gone: Sequence[str]) -> None:
-        """Called by the cache under its lock: probe these now, forget those.
+        """Called by the cache under its lock: probe these pods now, forget those.
 
-        Only updates a dict under the prober's own condition: never blocks, never calls back.
+        Only updates the prober's own state: never blocks, never calls back.
         """
-        now = time.monotonic()
         with self._cond:
-            for key, url, _ready in targets:
-                due = self._due.get(key)
-                if due is None:
-                    self._due[key] = _Due(url=url, next_time=now)
-                else:
-                    due.url = url
-                    due.next_time = now
-            for key in gone:
-                self._due.pop(key, None)
-                self._logged.pop(key, None)
-            self._cond.notify()
+            for target in targets:
+                self._targets[target.url] = target
+            for url in gone:
+                self._targets.pop(url, None)
+                self._logged.pop(url, None)
+        for target in targets:
+            self._queue.add(target.url)
+        for url in gone:
+            self._queue.forget(url)
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop the scheduler and every worker; probes in flight are aborted, not awaited."""
+        """Stop every thread; probes in flight are aborted, not awaited."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
+        self._stop.set()
+        self._queue.shut_down()
         self._session.close()
-        self._pool.close(deadline)
-        if self._thread.is_alive():
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if self._stop:
-                    return
-                results, self._results = self._results, []
-                now = time.monotonic()
-                ready = [(k, d) for k, d in self._due.items()
-                         if not d.in_flight and d.next_time <= now]
-                for _key, due in ready:
-                    due.in_flight = True
-                if not ready and not results:
-                    upcoming = [d.next_time for d in self._due.values() if not d.in_flight]
-                    wait = min(upcoming, default=now + 1.0) - now
-                    self._cond.wait(max(0.01, min(wait, 1.0)))
-                    continue
-            if results:
-                self._deliver(results)
-            for key, due in ready:
-                try:
-                    self._pool.submit(self._probe, key, due.url)
-                except RuntimeError:  # pool shut down while stopping
-                    return
-
-    def _probe(self, key: str, url: str) -> None:
-        started = time.monotonic()
-        try:
-            models = fetch_models(self._session, url, self._api_key, self.config)
-            result = ModelProbe(ok=True, models=models, time=time.monotonic())
-        except EngineCallError as exc:
-            result = ModelProbe(ok=False, reason=exc.reason, time=time.monotonic(),
-                                unreachable=exc.unreachable)
-        except Exception as exc:  # a probe must never kill a worker silently
-            log.exception("model probe of %s crashed", key)
-            result = ModelProbe(ok=False, reason=f"probe crashed: {exc.__class__.__name__}",
-                                time=time.monotonic())
         with self._cond:
-            due = self._due.get(key)
-            if due is None or self._stop:
-                return  # the Service went away while we probed, or we are closing
-            due.in_flight = False
-            self.probes_total += 1
-            self.failures_total += not result.ok
-            if result.ok:
-                due.failures = 0
-                delay = self.config.interval
-            else:
-                due.failures += 1
-                first, cap = self.config.failure_backoff
-                delay = min(cap, first * 2 ** (due.failures - 1)) * (0.5 + random.random() / 2)
-            if due.next_time <= started:  # not re-scheduled meanwhile by a change
-                due.next_time = time.monotonic() + delay
-            self._results.append((key, result))
-            self._cond.notify()
+            self._cond.notify_all()
+        for thread in (self._thread, *self._workers):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _deliver(self, results: list[tuple[str, ModelProbe]]) -> None:
-        for key, result in results:
-            self._log_change(key, result)
-        try:
-            self._record(results)
-        except Exception:  # the scheduler must outlive a failing consumer
-            log.exception("recording %d model probe results failed", len(results))
+    # -- workers -------------------------------------------------------------------------------
 
-    def _log_change(self, key: str, result: ModelProbe) -> None:
-        reason = None if result.ok else result.reason
-        if self._logged.get(key, "<new>") == reason:
+    def _work(self) -> None:
+        while (url := self._queue.get()) is not None:
+            try:
+                self._probe(url)
+            except Exception:  # a worker must never die
+                log.exception("model probe of %s crashed", url)
+            finally:
+                self._queue.done(url)
+
+    def _probe(self, url: str) -> None:
+        with self._cond:
+            target = self._targets.get(url)
+        if target is None:  # no ready endpoint any more
+            self._queue.forget(url)
             return
-        self._logged[key] = reason
-        if reason is None:
-            log.info("service %s serves %s", key, ", ".join(sorted(result.models)) or "no models")
+        started = time.monotonic()
+        failure: EngineCallError | None = None
+        if target.kind == "name":
+            result = resolve_name(url)
         else:
-            log.warning("model probe of service %s failed (retrying with backoff): %s", key, reason)
+            try:
+                models = fetch_models(self._session, url, self._api_key, self.config)
+                result = ModelProbe(ok=True, models=models, time=time.monotonic())
+            except EngineCallError as exc:
+                failure = exc
+                result = ModelProbe(ok=False, reason=exc.reason, time=time.monotonic(),
+                                    unreachable=exc.unreachable)
+        if self._stop.is_set():
+            return
+        with self._cond:
+            if url not in self._targets:
+                return  # went away while we probed
+            if target.kind == "pod":
+                self.probes_total += 1
+                self.failures_total += not result.ok
+            self._results.append((url, result))
+            self._cond.notify()
+            changed = self._logged.get(url, "<new>") != result.reason
+            self._logged[url] = result.reason
+        if changed:
+            self._log(target, result, failure)
+        if result.ok:
+            self._queue.forget(url)
+            self._queue.add_after(url, started + self.config.interval - time.monotonic())
+        else:
+            self._queue.add_rate_limited(url)
+
+    def _log(self, target: ProbeTarget, result: ModelProbe,
+             failure: EngineCallError | None) -> None:
+        """One line per change of a pod's state: a wrong answer is a WARNING, no answer INFO."""
+        if target.kind == "name":
+            if result.ok:
+                log.info("the name of service %s resolves", target.services[0])
+            else:
+                log.warning("service %s: %s", target.services[0], result.reason)
+            return
+        pod = f"pod {target.pod_name or target.url} ({target.url}) of {', '.join(target.services)}"
+        if result.ok:
+            log.info("%s serves %s", pod, ", ".join(sorted(result.models)) or "no models")
+        elif failure is not None and failure.unreachable:
+            log.info("model probe of %s got no answer (retrying with backoff): %s", pod,
+                     result.reason)
+        else:
+            log.warning("model probe of %s failed (retrying with backoff): %s", pod,
+                        result.reason)
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def _deliver_batches(self) -> None:
+        """Hand results to the cache in batches, never while holding the prober's lock."""
+        while not self._stop.is_set():
+            with self._cond:
+                while not self._results and not self._stop.is_set():
+                    self._cond.wait(1.0)
+                results, self._results = self._results, []
+            if results and not self._stop.is_set():
+                try:
+                    self._record(results)
+                except Exception:  # the deliverer must outlive a failing consumer
+                    log.exception("recording %d model probe results failed", len(results))
+            self._stop.wait(BATCH_SECONDS)  # let the next wave gather

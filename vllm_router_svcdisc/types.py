@@ -121,6 +121,7 @@ class EndpointInfo:
     namespace: str | None = None
     model_info: dict[str, ModelInfo] | None = None
     pods: tuple[PodEndpoint, ...] = ()
+    partial_models: tuple[str, ...] = ()  # served by some of the Service's pods only
 
     def get_base_models(self) -> list[str]:
         """Model ids that are not LoRA adapters."""

@@ -12,6 +12,11 @@ every topology Kubernetes produces.  The rules it follows are Kubernetes' own:
   primary family (``spec.ipFamilies[0]``), so a dual-stack Service's pods are counted once;
 - a ClusterIP Service is dialled on its Service port (kube-proxy translates); a headless one
   on the endpoints' pod port, because its DNS name resolves to the pods themselves.
+
+Models are probed per pod (a pooled connection through a Service VIP is pinned to one pod, so a
+probe through the name sees one pod's models by chance).  Each pod's entry carries its own
+models; the Service advertises what a request to its URL can rely on, see
+:func:`service_models`.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from .types import EndpointInfo, ModelInfo, PodEndpoint
 
 PortSpec = int | str | None
 
+NOT_PROBED = "models not probed yet"
+
 
 @dataclass(frozen=True)
 class ModelProbe:
-    """The outcome of the last ``/v1/models`` probe of a Service."""
+    """The outcome of the last ``/v1/models`` probe of one pod."""
 
     ok: bool
     models: Mapping[str, ModelInfo] = field(default_factory=dict)
@@ -58,7 +65,9 @@ class ServiceView:
     url: str | None
     service_port: ServicePort | None
     pods: tuple[PodEndpoint, ...]
-    probe: ModelProbe | None
+    models: Mapping[str, ModelInfo]  # what the Service advertises (see service_models)
+    partial_models: tuple[str, ...]  # served by some ready pods only
+    pod_probes: Mapping[str, ModelProbe]  # the last probe of each probed ready pod, by URL
     reason: str | None
     endpoint_info: EndpointInfo | None
     pod_infos: tuple[EndpointInfo, ...]
@@ -158,8 +167,8 @@ def dial_port(record: ServiceRecord, service_port: ServicePort,
 
 
 def not_routable_reason(record: ServiceRecord, service_port: ServicePort | None,
-                        wanted: PortSpec, pods: Sequence[PodEndpoint],
-                        probe: ModelProbe | None) -> str | None:
+                        wanted: PortSpec, pods: Sequence[PodEndpoint]) -> str | None:
+    """Why the Service cannot be routed to, models aside (None when it can)."""
     if service_port is None:
         ports = ", ".join(f"{p.name or '<unnamed>'}:{p.port}" for p in record.ports) or "none"
         want = (f"port {wanted!r}" if wanted not in (None, "")
@@ -169,13 +178,46 @@ def not_routable_reason(record: ServiceRecord, service_port: ServicePort | None,
         return "no endpoints for the Service port"
     if not any(p.routable for p in pods):
         return f"no ready endpoints ({len(pods)} not ready or terminating)"
-    if probe is None:
-        return "models not probed yet"
-    if not probe.ok:
-        return f"model probe failed: {probe.reason}"
-    if not probe.models:
-        return "the engine serves no models"
     return None
+
+
+def pod_models(pod: PodEndpoint, probes: Mapping[str, ModelProbe]) -> Mapping[str, ModelInfo]:
+    """The models a ready pod serves, per its last good probe (empty when none)."""
+    probe = probes.get(pod.url)
+    return probe.models if probe is not None and probe.ok else {}
+
+
+def service_models(ready: Sequence[PodEndpoint], probes: Mapping[str, ModelProbe]
+                   ) -> tuple[dict[str, ModelInfo], tuple[str, ...], str | None]:
+    """(models the Service advertises, models only some pods serve, why none) from its pods.
+
+    A request to the Service URL reaches any ready pod, so the Service advertises the models
+    every probed ready pod serves.  Mid-rollout to a new model name no model is common: the
+    Service then advertises the models at least half of its pods serve (the old name while most
+    pods have it, both at the turn, the new one after), or failing that the ones most pods
+    serve — never a name most pods no longer serve, and never nothing while every pod serves
+    something.  A LoRA adapter loaded on some pods only is partial: not advertised, listed in
+    ``partial_models`` and in those pods' own entries.
+    """
+    probed = [pod_models(pod, probes) for pod in ready if pod.url in probes]
+    served = [models for models in probed if models]
+    if not served:
+        failures = [probes[pod.url].reason for pod in ready
+                    if pod.url in probes and not probes[pod.url].ok]
+        if failures:
+            return {}, (), f"model probe failed: {failures[0]}"
+        return {}, (), NOT_PROBED if not probed else "the engines serve no models"
+    counts = Counter(model for models in served for model in models)
+    common = [m for m, n in counts.items() if n == len(served)]
+    chosen = (common or [m for m, n in counts.items() if 2 * n >= len(served)]
+              or [m for m, n in counts.items() if n == max(counts.values())])
+    cards: dict[str, ModelInfo] = {}
+    for models in served:
+        for model in chosen:
+            if model in models and model not in cards:
+                cards[model] = models[model]
+    advertised = {model: cards[model] for model in sorted(chosen)}
+    return advertised, tuple(sorted(set(counts) - set(advertised))), None
 
 
 def pod_id(pod: PodEndpoint) -> str:
@@ -189,9 +231,15 @@ def _uuid_of(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
-def build_view(record: ServiceRecord, slices: Iterable[SliceRecord], probe: ModelProbe | None,
-               *, config: ViewConfig, added: float) -> ServiceView:
-    """The view of one Service from its record, its slices and its last model probe."""
+def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
+               probes: Mapping[str, ModelProbe], *, config: ViewConfig,
+               added: float, name_errors: Mapping[str, str] | None = None) -> ServiceView:
+    """The view of one Service from its record, its slices and its pods' last model probes
+    (``probes`` is keyed by pod URL; pods missing from it were not probed yet).
+
+    ``name_errors`` says, by Service URL, why a Service's DNS name did not resolve at its last
+    check (routers dial that name in Service routing); a URL absent from it resolved or was
+    not checked."""
     slices = tuple(slices)
     key = record.key
     family = choose_family(record, slices, config.ip_family)
@@ -202,25 +250,32 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord], probe: Mode
     if service_port is not None:
         port, note = dial_port(record, service_port, pods)
         url = f"http://{record.name}.{record.namespace}.svc.{config.cluster_domain}:{port}"
-    reason = not_routable_reason(record, service_port, config.port, pods, probe)
+    ready = [pod for pod in pods if pod.routable]
+    models, partial, models_reason = service_models(ready, probes)
+    name_error = (name_errors or {}).get(url or "")
+    reason = (not_routable_reason(record, service_port, config.port, pods)
+              or (f"the Service name does not resolve (DNS): {name_error}" if name_error
+                  else None)
+              or models_reason)
     endpoint_info = None
     pod_infos: tuple[EndpointInfo, ...] = ()
-    if reason is None and url is not None and probe is not None:
-        models = dict(probe.models)
-        names = list(models)  # shared by the Service's entries: snapshot records are read-only
+    if reason is None and url is not None:
         endpoint_info = EndpointInfo(
-            url=url, model_names=names,
+            url=url, model_names=list(models),
             Id=_uuid_of(f"k8s-service/{key}"),
             added_timestamp=added, model_label=record.model_label, service_name=record.name,
             namespace=record.namespace, model_info=models, pods=pods,
+            partial_models=partial,
         )
         pod_infos = tuple(
             EndpointInfo(
-                url=pod.url, model_names=names, Id=pod_id(pod), added_timestamp=added,
+                url=pod.url, model_names=list(own), Id=pod_id(pod), added_timestamp=added,
                 model_label=record.model_label, pod_name=pod.name, service_name=record.name,
-                namespace=record.namespace, model_info=models, pods=(pod,),
+                namespace=record.namespace, model_info=dict(own), pods=(pod,),
             )
-            for pod in pods if pod.routable
+            for pod in ready if (own := pod_models(pod, probes))
         )
-    return ServiceView(key, record.namespace, record.name, url, service_port, pods, probe,
-                       reason, endpoint_info, pod_infos, family, note if reason is None else None)
+    pod_probes = {pod.url: probes[pod.url] for pod in ready if pod.url in probes}
+    return ServiceView(key, record.namespace, record.name, url, service_port, pods, models,
+                       partial, pod_probes, reason, endpoint_info, pod_infos, family,
+                       note if reason is None else None)

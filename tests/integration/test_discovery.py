@@ -535,7 +535,8 @@ def test_unreachable_engine_keeps_its_last_models_but_a_bad_answer_drops_them(
     url = cluster.url_of("vllm-a")
 
     def probe_reason() -> str:
-        probe = discovery.get_service_status()["default/vllm-a"].probe
+        probe = discovery.get_service_status()["default/vllm-a"].pod_probes.get(
+            f"http://{pod.ip}:{pod.engine.port}")
         return (probe.reason or "") if probe is not None else ""
 
     pod.engine.mode = EngineMode.BLACKHOLE  # re-probes time out; the pod stays ready
@@ -573,8 +574,8 @@ def test_service_name_that_does_not_resolve_is_unroutable_naming_dns(cluster, ma
     discovery = make_discovery(cluster)
     wait_for(lambda: service_urls(discovery) == [cluster.url_of("vllm-a")], 10,
              lambda: state(discovery))
-    reason = wait_reason(discovery, "default/vllm-b", lambda r: "probe failed" in r)
-    assert "DNS" in reason, reason
+    reason = wait_reason(discovery, "default/vllm-b", lambda r: "does not resolve" in r)
+    assert "DNS" in reason and "vllm-b.default.svc.cluster.local" in reason, reason
 
 
 def test_api_key_missing_then_given(cluster, make_discovery, monkeypatch, caplog):

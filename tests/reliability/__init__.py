@@ -214,7 +214,7 @@ class Harness:
         threads: list[threading.Thread] = [
             t for t in (d._services._thread, d._endpoints._thread, d._prober._thread)
             if t is not None]
-        threads += list(d._prober._pool._threads)
+        threads += d._prober._workers
         if self.scraper is not None:
             threads.append(self.scraper._thread)
             threads += self.scraper._workers

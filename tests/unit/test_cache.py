@@ -46,13 +46,17 @@ def cache() -> tuple[DiscoveryCache, Recorder]:
     return c, recorder
 
 
+P1, P2 = "http://10.1.0.1:8000", "http://10.1.0.2:8000"
+
+
 def shared_pods_cluster(c: DiscoveryCache) -> None:
-    """Two Services (a per-model one and an "all" one) over the same two pods."""
+    """Two Services (a per-model one and an "all" one) over the same two pods; p1 also
+    serves a LoRA adapter m2."""
     c.apply_service_changes([add(service("one")), add(service("all"))])
     pods = [endpoint("p1", "10.1.0.1"), endpoint("p2", "10.1.0.2")]
     c.apply_endpoint_changes([add(eps("one-a", pods, svc="one")),
                               add(eps("all-a", pods, svc="all"))])
-    c.set_probes([("ns/one", probe("m1")), ("ns/all", probe("m1", "m2"))])
+    c.set_probes([(P1, probe("m1", "m2")), (P2, probe("m1"))])
 
 
 def test_a_pod_behind_two_services_is_listed_once(cache: Any) -> None:
@@ -64,12 +68,18 @@ def test_a_pod_behind_two_services_is_listed_once(cache: Any) -> None:
     assert sorted(i.url for i in snapshot.pod_infos) == ["http://10.1.0.1:8000",
                                                          "http://10.1.0.2:8000"]
     assert {i.service_name for i in snapshot.pod_infos} == {"all"}  # the first key wins
-    assert snapshot.known_models == {"m1", "m2"}
-    # The owner leaves: the pods stay, now under the other Service.
+    # each pod lists its own models; the Services advertise what both pods serve
+    assert {i.url: i.model_names for i in snapshot.pod_infos} == {P1: ["m1", "m2"],
+                                                                  P2: ["m1"]}
+    assert all(i.model_names == ["m1"] and i.partial_models == ("m2",)
+               for i in snapshot.endpoint_infos)
+    assert snapshot.known_models == {"m1"}
+    # The owner leaves: the pods stay, now under the other Service, with their models.
     c.apply_service_changes([delete("ns/all")])
     assert {i.service_name for i in c.snapshot.pod_infos} == {"one"}
     assert len(c.snapshot.pod_infos) == 2
-    assert c.snapshot.known_models == {"m1"}
+    assert {i.url: i.model_names for i in c.snapshot.pod_infos} == {P1: ["m1", "m2"],
+                                                                    P2: ["m1"]}
 
 
 def test_unchanged_lists_are_shared_between_snapshots(cache: Any) -> None:
@@ -93,7 +103,7 @@ def test_a_batch_is_one_publish(cache: Any) -> None:
     assert c.publish_stats()[0] == 1
     c.apply_endpoint_changes([add(eps(f"s{i}-a", [endpoint("p", f"10.2.0.{i}")], svc=f"s{i}"))
                               for i in range(50)])
-    c.set_probes([(f"ns/s{i}", probe("m")) for i in range(50)])
+    c.set_probes([(f"http://10.2.0.{i}:8000", probe("m")) for i in range(50)])
     assert c.publish_stats()[0] == 3
     assert len(c.snapshot.endpoint_infos) == 50
     # Slices of a Service nobody selected change nothing: no publish.
@@ -109,9 +119,9 @@ def test_probe_requests_are_made_under_the_lock_in_state_order(cache: Any) -> No
                                             endpoint("p2", "10.1.0.2")]))])
     c.apply_service_changes([delete("ns/svc")])
     assert recorder.calls == [
-        ([("ns/svc", "http://svc.ns.svc.cluster.local:80", ("10.1.0.1",))], [], 2),
-        ([("ns/svc", "http://svc.ns.svc.cluster.local:80", ("10.1.0.1", "10.1.0.2"))], [], 3),
-        ([], ["ns/svc"], 4),
+        ([ProbeTarget(P1, "p1", ("ns/svc",))], [], 2),
+        ([ProbeTarget(P2, "p2", ("ns/svc",))], [], 3),  # only the pod that became ready
+        ([], [P1, P2], 4),
     ]
     assert c.sizes()["services"] == 0 and c.sizes()["probes"] == 0
 
@@ -119,11 +129,13 @@ def test_probe_requests_are_made_under_the_lock_in_state_order(cache: Any) -> No
 def test_an_unreachable_engine_keeps_its_models(cache: Any) -> None:
     c, _ = cache
     shared_pods_cluster(c)
-    c.set_probe("ns/one", ModelProbe(ok=False, reason="timed out", unreachable=True))
+    c.set_probe(P1, ModelProbe(ok=False, reason="timed out", unreachable=True))
     view = c.snapshot.services["ns/one"]
-    assert view.routable and view.probe is not None and "keeping" in (view.probe.reason or "")
-    c.set_probe("ns/one", ModelProbe(ok=False, reason="bad JSON"))
-    assert not c.snapshot.services["ns/one"].routable
+    assert view.routable and view.partial_models == ("m2",)  # p1 keeps m1 and m2
+    c.set_probes([(P1, ModelProbe(ok=False, reason="bad JSON")),
+                  (P2, ModelProbe(ok=False, reason="bad JSON"))])
+    view = c.snapshot.services["ns/one"]
+    assert not view.routable and view.reason == "model probe failed: bad JSON"
     assert c.has_ever_seen_model("m2") and not c.has_ever_seen_model("m9")
 
 
@@ -145,6 +157,7 @@ def test_old_snapshots_never_change_and_behave_as_mappings(cache: Any) -> None:
     old_pods = sorted(i.url for i in old.pod_infos)
     c.apply_endpoint_changes([add(eps("one-a", [endpoint("p9", "10.1.0.9")], svc="one")),
                               delete("ns/all-a")])
+    c.set_probe("http://10.1.0.9:8000", probe("m1"))
     c.apply_service_changes([add(service(f"extra{i}")) for i in range(300)])  # every bucket
     assert sorted(i.url for i in old.pod_infos) == old_pods
     assert sorted(old.services) == ["ns/all", "ns/one"] and len(old.services) == 2

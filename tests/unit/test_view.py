@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +13,29 @@ from vllm_router_svcdisc.k8s_objects import (
     parse_endpoints,
     parse_service,
 )
-from vllm_router_svcdisc.types import ModelInfo
-from vllm_router_svcdisc.view import ModelProbe, ViewConfig, build_view
+from vllm_router_svcdisc.types import ModelInfo, PodEndpoint
+from vllm_router_svcdisc.view import ModelProbe, ViewConfig, build_view, service_models
 
 PROBED = ModelProbe(ok=True, models={"m": ModelInfo(id="m")})
+
+
+class EveryPod(Mapping[str, ModelProbe]):
+    """Probes of pods not known in advance: every pod answered ``probe``."""
+
+    def __init__(self, probe: ModelProbe = PROBED) -> None:
+        self.probe = probe
+
+    def __getitem__(self, url: str) -> ModelProbe:
+        return self.probe
+
+    def __contains__(self, url: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def service(name: str = "svc", *, ports: Any = (("http", 80),), headless: bool = False,
@@ -161,7 +181,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_build_view(case: Case) -> None:
     parse = parse_endpoints if case.legacy else parse_endpoint_slice
-    view = build_view(parse_service(case.service), [parse(s) for s in case.slices], PROBED,
+    view = build_view(parse_service(case.service), [parse(s) for s in case.slices], EveryPod(),
                       config=case.config, added=1.0)
     assert [(p.ip, p.port, p.routable) for p in view.pods] == case.pods
     assert view.url == case.url
@@ -179,7 +199,7 @@ def test_build_view(case: Case) -> None:
 def test_pod_ids_are_the_same_under_every_service() -> None:
     slices = [parse_endpoint_slice(eps("a", [endpoint("p1", "10.1.0.1")], svc=name))
               for name in ("one", "two")]
-    views = [build_view(parse_service(service(name)), [s], PROBED, config=ViewConfig(),
+    views = [build_view(parse_service(service(name)), [s], EveryPod(), config=ViewConfig(),
                         added=1.0) for name, s in zip(("one", "two"), slices, strict=True)]
     assert views[0].pod_infos[0].Id == views[1].pod_infos[0].Id
     assert views[0].endpoint_info is not None and views[1].endpoint_info is not None
@@ -189,11 +209,62 @@ def test_pod_ids_are_the_same_under_every_service() -> None:
 def test_not_probed_and_failed_probes_give_reasons() -> None:
     record = parse_service(service())
     slices = [parse_endpoint_slice(eps("a", [endpoint("p1", "10.1.0.1")]))]
-    assert build_view(record, slices, None, config=ViewConfig(),
+    assert build_view(record, slices, {}, config=ViewConfig(),
                       added=0).reason == "models not probed yet"
     failed = ModelProbe(ok=False, reason="boom")
-    assert build_view(record, slices, failed, config=ViewConfig(),
+    assert build_view(record, slices, EveryPod(failed), config=ViewConfig(),
                       added=0).reason == "model probe failed: boom"
     empty = ModelProbe(ok=True, models={})
-    assert build_view(record, slices, empty, config=ViewConfig(),
-                      added=0).reason == "the engine serves no models"
+    assert build_view(record, slices, EveryPod(empty), config=ViewConfig(),
+                      added=0).reason == "the engines serve no models"
+
+
+def _pods(n: int) -> list[PodEndpoint]:
+    return [PodEndpoint(name=f"p{i}", ip=f"10.9.0.{i}", port=8000) for i in range(n)]
+
+
+def _serving(*per_pod: tuple[str, ...] | None) -> dict[str, ModelProbe]:
+    """Probes of pods p0, p1, ...: the models each serves (None: not probed; () failed)."""
+    probes = {}
+    for pod, models in zip(_pods(len(per_pod)), per_pod, strict=True):
+        if models is None:
+            continue
+        probes[pod.url] = (ModelProbe(ok=True, models={m: ModelInfo(id=m) for m in models})
+                           if models else ModelProbe(ok=False, reason="401"))
+    return probes
+
+
+@pytest.mark.parametrize(("per_pod", "advertised", "partial"), [
+    ((("a",), ("a",), ("a",)), ["a"], ()),                          # steady state
+    ((("a", "lora"), ("a",), ("a",)), ["a"], ("lora",)),            # adapter on one pod
+    ((("a",), ("a",), ("b",)), ["a"], ("b",)),                      # rollout begins: old name
+    ((("a",), ("b",)), ["a", "b"], ()),                             # the turn: both
+    ((("a",), ("b",), ("b",)), ["b"], ("a",)),                      # most pods moved: new name
+    ((("a",), ("b",), ("c",)), ["a", "b", "c"], ()),                # no majority: never empty
+    ((("a",), None, ("a",)), ["a"], ()),                            # a pod not probed yet
+    ((("a",), (), ("b",), ("b",)), ["b"], ("a",)),                  # a pod answering wrongly
+], ids=["steady", "partial-lora", "rollout-start", "rollout-turn", "rollout-end", "three-way",
+        "unprobed", "failed"])
+def test_what_a_service_advertises(per_pod: Any, advertised: list[str],
+                                   partial: tuple[str, ...]) -> None:
+    models, partial_models, reason = service_models(_pods(len(per_pod)), _serving(*per_pod))
+    assert reason is None
+    assert list(models) == advertised and partial_models == partial
+
+
+def test_each_pod_entry_carries_its_own_models() -> None:
+    record = parse_service(service())
+    slices = [parse_endpoint_slice(eps("a", [endpoint("p1", "10.1.0.1"),
+                                             endpoint("p2", "10.1.0.2"),
+                                             endpoint("p3", "10.1.0.3")]))]
+    probes = {"http://10.1.0.1:8000": ModelProbe(ok=True, models={
+                  "a": ModelInfo(id="a"), "lora": ModelInfo(id="lora", parent="a",
+                                                            is_adapter=True)}),
+              "http://10.1.0.2:8000": ModelProbe(ok=True, models={"a": ModelInfo(id="a")})}
+    view = build_view(record, slices, probes, config=ViewConfig(), added=0)
+    assert view.endpoint_info is not None and view.endpoint_info.model_names == ["a"]
+    assert view.endpoint_info.partial_models == ("lora",)
+    # p3 is not probed yet: no entry of its own until its models are known
+    assert {i.url: i.model_names for i in view.pod_infos} == {
+        "http://10.1.0.1:8000": ["a", "lora"], "http://10.1.0.2:8000": ["a"]}
+    assert view.pod_infos[0].get_adapters_for_model("a") == ["lora"]

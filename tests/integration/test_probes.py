@@ -1,0 +1,120 @@
+"""Model probes per pod, through the real client: rollouts, partial LoRA, shared pods, logs.
+
+Probes go to each ready pod, not through the Service name: a pooled connection through the
+Service VIP is pinned to one pod by kube-proxy, so a probe through the name would keep seeing
+that pod's models (stale after a rollout, adapters on some pods seen by chance).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.integration.test_discovery import state
+from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.scraper import EngineStatsScraper
+from vllm_router_svcdisc.sim.cluster import SimCluster
+from vllm_router_svcdisc.sim.engine import EngineMode
+
+OLD, NEW = "org/model-v1", "org/model-v2"
+
+
+def advertised(discovery: K8sServiceDiscovery, name: str) -> tuple[list[str], tuple[str, ...]]:
+    """(model_names, partial_models) of the Service's entry; ([], ()) when not routable."""
+    view = discovery.get_service_status().get(f"default/{name}")
+    info = view.endpoint_info if view is not None else None
+    return (list(info.model_names), info.partial_models) if info is not None else ([], ())
+
+
+def wait_advertised(discovery: K8sServiceDiscovery, name: str, models: list[str],
+                    partial: tuple[str, ...] = ()) -> None:
+    wait_for(lambda: advertised(discovery, name) == (models, partial), 15.0,
+             lambda: f"{advertised(discovery, name)}: {state(discovery)}")
+
+
+def pod_models(discovery: K8sServiceDiscovery) -> dict[str, list[str]]:
+    return {e.url: sorted(e.model_names) for e in discovery.get_pod_endpoint_info()}
+
+
+def test_a_rollout_to_a_new_model_name_is_followed_pod_by_pod(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    service = cluster.add_service("roll", replicas=3, model=OLD)
+    discovery = make_discovery(cluster)
+    wait_advertised(discovery, "roll", [OLD])
+    service.model = NEW  # the Deployment's new template serves another name
+    steps = [([OLD], (NEW,)),   # 1 of 3 new pods: most still serve the old name
+             ([NEW], (OLD,)),   # 2 of 3: most serve the new one
+             ([NEW], ())]       # done
+    for expected, partial in steps:
+        old_pod = next(p for p in cluster.pods("roll") if p.engine.model == OLD)
+        cluster.reschedule(old_pod)
+        wait_advertised(discovery, "roll", expected, partial)
+        # each pod's own entry says what it serves, whatever the Service advertises
+        wait_for(lambda: pod_models(discovery) == {
+            f"http://{p.ip}:{p.port}": [p.engine.model] for p in cluster.pods("roll")}, 15.0,
+            lambda: f"{pod_models(discovery)}")
+    info = discovery.get_endpoint_info()[0]
+    assert info.has_model(NEW) and not info.has_model(OLD)
+
+
+def test_a_lora_adapter_loaded_on_some_pods_is_partial_until_every_pod_has_it(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    cluster.add_service("lora", replicas=2, model=OLD)
+    discovery = make_discovery(cluster)
+    wait_advertised(discovery, "lora", [OLD])
+    first, second = cluster.pods("lora")
+    first.engine.lora_adapters = ["sql-lora"]  # vLLM's /v1/load_lora_adapter on one pod
+    wait_advertised(discovery, "lora", [OLD], ("sql-lora",))
+    first_url = f"http://{first.ip}:{first.port}"
+    assert pod_models(discovery)[first_url] == [OLD, "sql-lora"]
+    entry = next(e for e in discovery.get_pod_endpoint_info() if e.url == first_url)
+    assert entry.get_adapters_for_model(OLD) == ["sql-lora"]
+    second.engine.lora_adapters = ["sql-lora"]
+    wait_advertised(discovery, "lora", [OLD, "sql-lora"])
+
+
+def test_a_pod_behind_two_services_is_probed_and_scraped_once_and_counts_in_both(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    owner = cluster.add_service("llama", replicas=2)
+    cluster.add_service("llama-peers", replicas=0, headless=True, selector=owner.selector)
+    discovery = make_discovery(cluster)
+    wait_for(lambda: len(discovery.get_endpoint_info()) == 2, 15.0, lambda: state(discovery))
+    # intervals far longer than the test: every request counted below is the first one
+    scraper = EngineStatsScraper(discovery, scrape_interval=120.0, stale_after=600.0)
+    try:
+        urls = [e.url for e in discovery.get_endpoint_info()]
+        wait_for(lambda: all(getattr(scraper.get_engine_stats().get(u), "pods_scraped", 0) == 2
+                             for u in urls), 15.0, lambda: f"{dict(scraper.get_engine_stats())}")
+        for pod in cluster.pods("llama"):
+            counts = pod.engine.request_counts()
+            assert counts.get("/metrics") == 1, counts  # once, for both Services
+    finally:
+        scraper.close()
+
+
+def test_a_wrong_answer_is_a_warning_naming_service_and_pod_once(
+        cluster: SimCluster, make_discovery: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vllm_router_svcdisc")
+    cluster.add_service("bad", replicas=1)
+    cluster.add_service("hole", replicas=1)
+    (bad,) = cluster.pods("bad")
+    (hole,) = cluster.pods("hole")
+    bad.engine.mode = EngineMode.GARBAGE
+    hole.engine.mode = EngineMode.BLACKHOLE
+    discovery = make_discovery(cluster)
+    wait_for(lambda: bad.engine.request_counts().get("/v1/models", 0) >= 3, 15.0,
+             "the bad pod was not re-probed")
+    wait_for(lambda: hole.engine.request_counts().get("/v1/models", 0) >= 2, 15.0,
+             "the silent pod was not re-probed")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and "model probe" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # one per change of state, not one per probe
+    assert "default/bad" in warnings[0] and bad.name in warnings[0]
+    assert "invalid JSON" in warnings[0]
+    quiet = [r for r in caplog.records if "default/hole" in r.getMessage()
+             and "model probe" in r.getMessage()]
+    assert quiet and all(r.levelno == logging.INFO for r in quiet)  # no answer: quieter
+    assert discovery.get_endpoint_info() == []
