@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import requests
+
 from tests.conftest import wait_for
 from tests.integration.test_discovery import state
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
@@ -131,3 +133,21 @@ def test_portless_headless_service_uses_the_wanted_port(cluster: SimCluster,
     v = wait_routable(discovery, "any", 2)
     assert v.url == cluster.url_of("any") == "http://any.default.svc.cluster.local:8000"
     assert {p.port for p in v.pods} == {8000}
+
+
+def test_all_pods_terminating_is_not_routable_though_kube_proxy_still_serves(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    """kube-proxy falls back to serving-but-terminating endpoints; discovery does not route
+    new work to pods that are going away (their Service is not routable meanwhile)."""
+    cluster.add_service("drain", replicas=2)
+    discovery = make_discovery(cluster)
+    wait_routable(discovery, "drain", 2)
+    for pod in cluster.pods("drain"):
+        cluster.terminate_pod(pod)
+    wait_for(lambda: not view(discovery, "drain").routable, 10, lambda: state(discovery))
+    assert "no ready endpoints" in view(discovery, "drain").reason
+    with requests.Session() as session:
+        session.trust_env = False
+        reply = session.get(cluster.url_of("drain") + "/health", timeout=5,
+                            headers={"Connection": "close"})
+    assert reply.status_code == 200
