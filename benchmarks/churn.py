@@ -53,7 +53,9 @@ from vllm_router_svcdisc.scraper import EngineStatsScraper, parse_metrics_body
 from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
 
 REPLICAS = 3
-SCENARIOS = ("rolling", "crash", "scale", "api_trouble")
+SCENARIOS = ("rolling", "crash", "scale", "api_trouble", "rolling_prestop",
+             "api_trouble_prestop")
+PRESTOP_SUFFIX = "_prestop"  # the same scenario, engines terminated after a preStop sleep
 MODES = ("service", "pod")
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +110,7 @@ class _Churn:
         self.args = args
         self.events = _Events()
         self.clock = ChangeClock(cluster.api)
+        self.pre_stop = 0.0
         self._turn = 0
 
     def key(self, name: str) -> str:
@@ -123,15 +126,16 @@ class _Churn:
         return live[0]
 
     def replace_gracefully(self, name: str, prefix: str = "") -> None:
-        """Rolling-restart step: terminate, replacement ready, grace, old pod gone."""
+        """Rolling-restart step: terminate (SIGTERM after the preStop sleep), replacement
+        ready, preStop + grace, old pod gone."""
         key, old = self.key(name), self.oldest_pod(name)
-        self.cluster.terminate_pod(old)
+        self.cluster.terminate_pod(old, pre_stop=self.pre_stop)
         self.events.add(prefix + "terminating excluded", wait_reflected(
             self.discovery, lambda s: old.ip not in routable_ips(s, key), self.clock))
         new = self.cluster.add_pod(name)
         self.events.add(prefix + "replacement routable", wait_reflected(
             self.discovery, lambda s: new.ip in routable_ips(s, key), self.clock))
-        time.sleep(self.args.grace)  # in-flight requests on the old pod finish
+        time.sleep(self.pre_stop + self.args.grace)  # in-flight requests on the old pod finish
         self.cluster.finish_termination(old)
         self.events.add(prefix + "terminated pod removed", wait_reflected(
             self.discovery, lambda s: old.ip not in listed_ips(s, key), self.clock))
@@ -212,14 +216,18 @@ def run_churn(scenario: str, routing: str, args: argparse.Namespace) -> dict[str
             time.sleep(min(1.0, args.duration / 4))  # warm: keep-alive connections exist
             before = cluster.api.request_counts()
             churn = _Churn(cluster, discovery, services, args)
+            play = scenario.removesuffix(PRESTOP_SUFFIX)
+            if play != scenario:
+                churn.pre_stop = args.pre_stop
             started = time.monotonic()
-            getattr(churn, scenario)(started + args.duration)
+            getattr(churn, play)(started + args.duration)
             time.sleep(0.5)  # let the last requests land
             load.stop()
             elapsed = time.monotonic() - started
             after = cluster.api.request_counts()
             watches = {r: cluster.api.open_watch_count(r) for r in ("services", "endpointslices")}
             return {"scenario": scenario, "routing": routing, "seconds": round(elapsed, 1),
+                    "pre_stop_s": churn.pre_stop,
                     **load.result(), **churn.events.result(),
                     "api_requests": api_delta(before, after), "open_watches_end": watches}
         finally:
@@ -749,6 +757,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                                               f"(pod-IP mode: {pod.get('failed')} of "
                                               f"{pod.get('sent')})",
                      "met": svc["failed"] == 0})
+    for scenario in ("rolling_prestop", "api_trouble_prestop"):
+        modes = {m: r for m, r in results.get("churn", {}).get(scenario, {}).items()
+                 if "error" not in r}
+        if modes:
+            rows.append({"target": f"{scenario.removesuffix(PRESTOP_SUFFIX)} with a preStop "
+                                   "sleep: failed requests, both routing modes",
+                         "goal": "0",
+                         "measured": "; ".join(f"{m}: {r['failed']} of {r['sent']}"
+                                               for m, r in modes.items()),
+                         "met": all(r["failed"] == 0 for r in modes.values())})
     rows += _scale_targets(results)
     scrape = results.get("scrape")
     if scrape:
@@ -968,7 +986,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-keepalive", action="store_true",
                         help="one connection per request (default: keep-alive, like a router)")
     parser.add_argument("--grace", type=float, default=0.3,
-                        help="seconds between a pod's exclusion and its engine stopping")
+                        help="seconds between SIGTERM and the pod exiting (in-flight requests "
+                             "finish)")
+    parser.add_argument("--pre-stop", type=float, default=2.0,
+                        help="preStop sleep of the *_prestop scenarios (seconds)")
     parser.add_argument("--crash-endpoint-delay", type=float, default=1.0)
     parser.add_argument("--outage", type=float, help="API outage seconds (default 2; quick 1)")
     parser.add_argument("--flips", type=int, help="readiness flips per size (200; quick 40)")
@@ -1035,7 +1056,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"engines, mini kube-proxy), {args.duration:g} s of churn each, "
                   f"{args.clients} client threads at {args.rate:g} req/s total "
                   f"({'one connection per request' if args.no_keepalive else 'keep-alive'}), "
-                  f"grace {args.grace:g} s, crash endpoint delay {args.crash_endpoint_delay:g} s,"
+                  f"grace {args.grace:g} s, preStop {args.pre_stop:g} s in the *_prestop "
+                  f"scenarios (none elsewhere), crash endpoint delay "
+                  f"{args.crash_endpoint_delay:g} s,"
                   f" API outage {args.outage:g} s."),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }}

@@ -223,7 +223,9 @@ class EngineFarm:
             [sys.executable, str(script), "--port", str(self.requested_port),
              "--max-seconds", str(self.max_seconds)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1",  # the package, also from a checkout
+                 "PYTHONPATH": os.pathsep.join(filter(None, (str(script.parent.parent),
+                                                             os.environ.get("PYTHONPATH"))))},
         )
         assert self._proc.stdout is not None
         deadline = time.monotonic() + timeout

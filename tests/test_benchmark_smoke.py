@@ -19,7 +19,8 @@ def test_churn_quick_runs_and_writes_results(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "churn.json").read_text())
     assert {"meta", "churn", "micro", "scrape", "rss", "targets"} <= results.keys()
-    assert set(results["churn"]) == {"rolling", "crash", "scale", "api_trouble"}
+    assert set(results["churn"]) == {"rolling", "crash", "scale", "api_trouble",
+                                     "rolling_prestop", "api_trouble_prestop"}
     for modes in results["churn"].values():
         assert set(modes) == {"service", "pod"}
         for run_result in modes.values():
@@ -52,3 +53,32 @@ def test_scale_step_runs_and_writes_results(tmp_path: Path) -> None:
             "rss_all_routable_mb"} <= results["scale_rss"].keys(), results["scale_rss"]
     assert any(row["target"].startswith("scale:") for row in results["targets"])
     assert "## Scale" in (tmp_path / "churn.md").read_text()
+
+
+def test_balance_runs_and_writes_results(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "balance.py"), "--window", "0.5",
+           "--warmup", "0.2", "--pre-stop", "0.2", "--grace", "0.1", "--replicas", "2",
+           "--scale-to", "3", "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "balance.json").read_text())
+    assert set(results["arms"]) == {"service", "pod"}
+    for arm in results["arms"].values():
+        for phase in ("before", "after_rollout", "after_scale_up"):
+            assert {"ready_pods", "requests", "share_pct", "idle_pods"} <= arm[phase].keys()
+        assert arm["after_scale_up"]["ready_pods"] == 3
+    assert "| phase | routing |" in (tmp_path / "balance.md").read_text()
+
+
+def test_scrape_cpu_runs_and_writes_results(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scrape_cpu.py"), "--pods", "3",
+           "--rounds", "1", "--per-round", "20", "--profile-scrapes", "20",
+           "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "scrape_cpu.json").read_text())
+    for path in ("previous", "current"):
+        figures = results["result"][path]
+        assert {"fetch_us", "parse_us", "total_us", "scrapes_per_cpu_s"} <= figures.keys()
+    assert results["profile"]["areas"] and results["profile"]["functions"]
+    assert "| path | fetch µs |" in (tmp_path / "scrape_cpu.md").read_text()

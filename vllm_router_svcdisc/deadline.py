@@ -1,14 +1,15 @@
 """A whole-request deadline for engine HTTP calls, enforced on every socket read.
 
 Socket timeouts bound each read, not the request: an engine that trickles its status line,
-headers or body a byte at a time (slow loris) never trips them.  Connections made by sessions
-mounted with :class:`DeadlineAdapter` wrap their socket so that, inside :func:`deadline_scope`,
-each read waits at most until the deadline and then fails with ``TimeoutError``.  No extra
+headers or body a byte at a time (slow loris) never trips them.  Connections made by a
+:class:`DeadlinePoolManager` wrap their socket so that, inside :func:`deadline_scope`, each
+read waits at most until the deadline and then fails with ``TimeoutError``.  No extra
 thread; outside a scope the socket behaves as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -17,22 +18,47 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import requests
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
 
-_scope = threading.local()
+_current = threading.local()
+
+
+class RequestScope:
+    """One request's deadline, and the sockets it has read from, so it can be aborted.
+
+    ``abort()`` (from any thread) makes the request's next read fail at once and shuts down the
+    sockets it is blocked on: a closing prober or scraper does not wait for black holes.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.aborted = False
+        self._sockets: set[socket.socket] = set()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Called before every read: remember the socket, refuse to read once aborted."""
+        self._sockets.add(sock)  # added before the check: abort() then always sees it
+        if self.aborted:
+            raise TimeoutError("request aborted: the client is closing")
+
+    def abort(self) -> None:
+        self.aborted = True
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 @contextmanager
-def deadline_scope(deadline: float) -> Iterator[None]:
+def deadline_scope(deadline: float) -> Iterator[RequestScope]:
     """Reads on this thread's deadline-aware connections end by ``deadline`` (monotonic)."""
-    previous = getattr(_scope, "deadline", None)
-    _scope.deadline = deadline
+    previous = getattr(_current, "scope", None)
+    scope = _current.scope = RequestScope(deadline)
     try:
-        yield
+        yield scope
     finally:
-        _scope.deadline = previous
+        _current.scope = previous
 
 
 class _DeadlineSocket:
@@ -53,10 +79,11 @@ class _DeadlineSocket:
         return self._timeout
 
     def _bound(self) -> None:
-        deadline = getattr(_scope, "deadline", None)
-        if deadline is None:
+        scope: RequestScope | None = getattr(_current, "scope", None)
+        if scope is None:
             return
-        remaining = deadline - time.monotonic()
+        scope.watch(self._sock)
+        remaining = scope.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("request deadline passed")
         base = self._timeout
@@ -105,12 +132,12 @@ class _DeadlineHTTPSConnectionPool(HTTPSConnectionPool):
     ConnectionCls = _DeadlineHTTPSConnection
 
 
-class DeadlineAdapter(requests.adapters.HTTPAdapter):
-    """An HTTPAdapter whose connections honour :func:`deadline_scope`."""
+class DeadlinePoolManager(PoolManager):
+    """A urllib3 PoolManager whose connections honour :func:`deadline_scope`."""
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool_classes_by_scheme = {
             "http": _DeadlineHTTPConnectionPool,
             "https": _DeadlineHTTPSConnectionPool,
         }

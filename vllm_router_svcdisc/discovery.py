@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from urllib3.connection import HTTPConnection
 
 from .cache import DiscoveryCache, ModelProbe, PortSpec, ServiceView, Snapshot
 from .informer import Change, Informer, InformerConfig, InformerStatus
@@ -46,9 +48,11 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
 
     urllib3's own retries are off: it would sleep through a 429's Retry-After inside a call
     that ``close()`` cannot interrupt; the informer's backoff honours Retry-After instead.
+    TCP keepalive is on (see :func:`keepalive_socket_options`).
     """
     configuration = k8s_client.Configuration()
     configuration.retries = 0
+    configuration.socket_options = keepalive_socket_options()
     errors = []
     if kubeconfig is None and context is None:
         try:
@@ -63,6 +67,23 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     except (k8s_config.ConfigException, OSError, TypeError) as exc:
         errors.append(f"kubeconfig: {exc}")
     raise DiscoveryConfigError("no Kubernetes configuration found (" + "; ".join(errors) + ")")
+
+
+def keepalive_socket_options() -> list[tuple[int, int, int]]:
+    """urllib3's defaults plus TCP keepalive: probe an idle API connection after 30 s, every
+    10 s, give up after 3 misses.
+
+    The kernel then notices a dead peer on an idle watch within about a minute even where no
+    bookmark would arrive; the watch's liveness read timeout is the bound that always holds.
+    The client's ``Configuration.socket_options`` hands these to urllib3's pool; an option the
+    platform lacks is left out.
+    """
+    options = list(HTTPConnection.default_socket_options)
+    options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return options
 
 
 class _EndpointSource:
@@ -214,7 +235,13 @@ class K8sServiceDiscovery:
         return self._services.status(), self._endpoints.status()
 
     def health(self) -> Health:
-        """Synced, watches not failing for longer than ``unhealthy_after``, no auth error."""
+        """Synced, watches not failing for longer than ``unhealthy_after``, no auth error.
+
+        "Failing" is the informer's error clock: it starts at the first failed attempt of any
+        shape (refused, errors, a watch that ends at once or fails in-stream, a silent stream)
+        and stops only at real progress (a LIST applied, an event or bookmark, a watch that
+        stayed open), never at a response's headers alone.
+        """
         if self._closed:
             return Health(False, ("closed",))
         reasons = []

@@ -11,13 +11,30 @@ from typing import Any
 
 
 class ApiError(Exception):
-    """A failed API call: ``status`` 0 means the server could not be reached."""
+    """A failed API call: ``status`` 0 means the server could not be reached.
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+    ``cause`` is the first ``details.causes[].reason`` of the Status body, e.g.
+    ``ResourceVersionTooLarge`` on a 504 from a server whose cache is behind.
+    """
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None,
+                 cause: str | None = None) -> None:
         super().__init__(f"{status} {message}" if status else message)
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        self.cause = cause
+
+    @classmethod
+    def from_status(cls, status: dict[str, Any]) -> ApiError:
+        """From a metav1.Status object, as carried by a watch ``ERROR`` event."""
+        code = status.get("code")
+        message = str(status.get("message") or status.get("reason") or "watch error")[:500]
+        details = status.get("details")
+        retry_after = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+        return cls(code if isinstance(code, int) else 500, message,
+                   float(retry_after) if isinstance(retry_after, int | float) else None,
+                   _first_cause(status))
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ApiError:
@@ -26,7 +43,9 @@ class ApiError(Exception):
             return exc
         status = getattr(exc, "status", None)
         if isinstance(status, int) and status > 0:
-            return cls(status, _status_message(exc), _retry_after(getattr(exc, "headers", None)))
+            body = _status_body(exc)
+            return cls(status, _status_message(exc, body),
+                       _retry_after(getattr(exc, "headers", None)), _first_cause(body))
         return cls(0, f"API server unreachable: {exc.__class__.__name__}: {_first_line(exc)}")
 
 
@@ -44,7 +63,8 @@ def describe_api_error(error: BaseException) -> str:
     return f"HTTP {error.status}: {error.message}"
 
 
-def _status_message(exc: BaseException) -> str:
+def _status_body(exc: BaseException) -> dict[str, Any]:
+    """The Status object of an ``ApiException``'s body, or {} when there is none."""
     body: Any = getattr(exc, "body", None)
     if isinstance(body, bytes):
         body = body.decode("utf-8", "replace")
@@ -53,8 +73,23 @@ def _status_message(exc: BaseException) -> str:
             parsed = json.loads(body)
         except ValueError:
             parsed = None
-        if isinstance(parsed, dict) and parsed.get("message"):
-            return str(parsed["message"])[:500]
+        if isinstance(parsed, dict):
+            return parsed
+    return {}
+
+
+def _first_cause(status: dict[str, Any]) -> str | None:
+    details = status.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    if isinstance(causes, list) and causes and isinstance(causes[0], dict):
+        reason = causes[0].get("reason")
+        return str(reason) if reason else None
+    return None
+
+
+def _status_message(exc: BaseException, body: dict[str, Any]) -> str:
+    if body.get("message"):
+        return str(body["message"])[:500]
     reason = getattr(exc, "reason", None)
     return str(reason or exc.__class__.__name__)[:500]
 

@@ -2,35 +2,131 @@
 
 Shared by the model prober and the metrics scraper so both treat engines the same way: an
 engine's answer is never trusted to be small, fast or to point elsewhere.
+
+It runs on urllib3 directly (what ``requests`` is built on): a ``requests.Session.get`` spends
+more CPU preparing, merging settings and running hooks than urllib3 spends on the whole
+exchange, and the scraper makes a thousand of these calls a second (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
-import requests
 import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationParseError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
-from .deadline import DeadlineAdapter, deadline_scope
+from .deadline import DeadlinePoolManager, RequestScope, deadline_scope
 
 
-class HttpFetchError(Exception):
-    """The request failed; ``transient`` says whether an immediate retry may help.
+class EngineCallError(Exception):
+    """An engine call failed: the one exception of the prober's and the scraper's requests.
 
-    ``cause`` is a short, fixed word for metrics: dns, connection, timeout, redirect, oversize,
-    http (an unwanted status) or other.
+    ``reason`` is for people (never a credential or a body); ``cause`` a short fixed word for
+    metrics: dns, connection, timeout, redirect, oversize, http (an unwanted status), answer (a
+    200 whose content is wrong) or other; ``transient`` whether an immediate retry may help.
     """
 
-    def __init__(self, reason: str, *, transient: bool, cause: str = "other") -> None:
+    def __init__(self, reason: str, *, cause: str, transient: bool = False,
+                 status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.transient = transient
         self.cause = cause
+        self.transient = transient
+        self.status = status
+
+    @property
+    def unreachable(self) -> bool:
+        """No usable answer came (no connection, no reply, a 5xx), as opposed to a wrong one."""
+        return self.cause in ("dns", "connection", "timeout") or (
+            self.status is not None and self.status >= 500)
+
+
+def expect_ok(status: int, what: str) -> None:
+    """Anything but 200 fails the call; a 5xx is worth an immediate retry."""
+    if status != 200:
+        raise EngineCallError(f"{what} answered HTTP {status}", cause="http",
+                              transient=status >= 500, status=status)
+
+
+class EnginePool:
+    """Keep-alive connections to engines: ``pool_size`` per host, for up to ``hosts`` hosts.
+
+    No proxy is ever used (urllib3 reads no environment), nothing is retried or redirected,
+    and every connection honours the whole-request deadline of :func:`fetch`.
+    """
+
+    def __init__(self, pool_size: int, hosts: int | None = None) -> None:
+        self._manager = DeadlinePoolManager(num_pools=hosts or pool_size, maxsize=pool_size,
+                                            block=False, retries=False)
+        self._lock = threading.Lock()
+        self._in_flight: set[RequestScope] = set()
+        self.closed = False
+
+    def drop_hosts(self, urls: Iterable[str]) -> None:
+        """Close the idle connections to these URLs' hosts (pods that left the endpoints).
+
+        Otherwise each keeps a socket open until ``hosts`` newer pods push it out, and churn
+        leaks descriptors.
+        """
+        hosts = set()
+        for url in urls:
+            with contextlib.suppress(LocationParseError):
+                parsed = urllib3.util.parse_url(url)
+                hosts.add((parsed.scheme, (parsed.host or "").lower(), parsed.port))
+        pools = self._manager.pools
+        keys = pools.keys()  # a locked copy: the container refuses plain iteration
+        for key in keys:
+            if (key.key_scheme, key.key_host, key.key_port) in hosts:
+                with contextlib.suppress(KeyError):
+                    del pools[key]  # disposing a pool closes its idle connections
+
+    def close(self) -> None:
+        """Refuse new requests and abort the ones in flight, so no worker waits on an engine.
+
+        A request blocked reading (a black-holed engine) fails at once; one still connecting
+        ends within its connect timeout.
+        """
+        with self._lock:
+            self.closed = True
+            in_flight = list(self._in_flight)
+        for scope in in_flight:
+            scope.abort()
+        self._manager.clear()
+
+    @contextlib.contextmanager
+    def _request(self, deadline: float) -> Iterator[RequestScope]:
+        with deadline_scope(deadline) as scope:
+            with self._lock:
+                if self.closed:
+                    raise EngineCallError("the connection pool is closed", cause="other")
+                self._in_flight.add(scope)
+            try:
+                yield scope
+            finally:
+                with self._lock:
+                    self._in_flight.discard(scope)
+
+    def _get(self, url: str, headers: Mapping[str, str],
+             timeout: float | tuple[float, float]) -> urllib3.BaseHTTPResponse:
+        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        return self._manager.request(
+            "GET", url, headers=dict(headers), timeout=urllib3.Timeout(connect=connect, read=read),
+            redirect=False, retries=False, preload_content=False, decode_content=False)
 
 
 def fetch(
-    session: requests.Session,
+    pool: EnginePool,
     url: str,
     *,
     headers: Mapping[str, str] | None = None,
@@ -39,91 +135,77 @@ def fetch(
 ) -> tuple[int, bytes]:
     """GET ``url``; returns (status, body).  Bodies over ``max_bytes`` are refused unread.
 
-    ``timeout`` also bounds the whole exchange — status line, headers and body — on sessions
-    from :func:`pooled_session`, so an engine trickling bytes (slow loris) cannot hold a
-    worker longer than a silent one.
+    ``timeout`` also bounds the whole exchange — status line, headers and body — so an engine
+    trickling bytes (slow loris) cannot hold a worker longer than a silent one.
     """
     budget = timeout if isinstance(timeout, int | float) else sum(timeout)
     deadline = time.monotonic() + budget
-    with deadline_scope(deadline):
-        return _fetch(session, url, headers, timeout, max_bytes, deadline)
-
-
-def _fetch(session: requests.Session, url: str, headers: Mapping[str, str] | None,
-           timeout: float | tuple[float, float], max_bytes: int,
-           deadline: float) -> tuple[int, bytes]:
-    try:
-        # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
-        response = session.get(url, headers={"Accept-Encoding": "identity", **(headers or {})},
-                               timeout=timeout, allow_redirects=False, stream=True)
-    except requests.exceptions.ConnectionError as exc:
-        reason = _connection_reason(exc)
-        cause = "dns" if reason.startswith("DNS") else "connection"
-        raise HttpFetchError(reason, transient=cause == "connection", cause=cause) from None
-    except requests.exceptions.Timeout:
-        raise HttpFetchError("timed out", transient=False, cause="timeout") from None
-    except requests.exceptions.RequestException as exc:
-        raise HttpFetchError(f"request failed: {exc.__class__.__name__}",
-                             transient=False) from None
-    with response:
-        if 300 <= response.status_code < 400:
-            raise HttpFetchError(f"HTTP {response.status_code} redirect refused "
-                                 "(redirects are never followed)", transient=False,
-                                 cause="redirect")
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise HttpFetchError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
-                                 transient=False, cause="oversize")
-        chunks: list[bytes] = []
-        size = 0
-        # read1 returns whatever one socket read brings, so the deadline is checked between
-        # trickled bytes too (iter_content would wait for a full chunk).
-        read = getattr(response.raw, "read1", None) or response.raw.read
+    # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
+    request_headers = {"Accept-Encoding": "identity", **(headers or {})}
+    with pool._request(deadline):
         try:
-            # identity was asked for: a body compressed anyway is not inflated (no bombs)
-            while chunk := read(65536, decode_content=False):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise HttpFetchError(f"body exceeds the {max_bytes} byte cap",
-                                         transient=False, cause="oversize")
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise HttpFetchError("timed out reading the body", transient=False,
-                                         cause="timeout")
-        except HttpFetchError:
-            raise
-        except (TimeoutError, urllib3.exceptions.TimeoutError):
-            raise HttpFetchError("timed out reading the body", transient=False,
-                                 cause="timeout") from None
-        except Exception as exc:  # urllib3 and socket errors of a broken body
-            raise HttpFetchError(f"reading the body failed: {exc.__class__.__name__}",
-                                 transient=False, cause="connection") from None
-        return response.status_code, b"".join(chunks)
+            response = pool._get(url, request_headers, timeout)
+        # urllib3 derives its connection errors from ConnectTimeoutError: subclasses first
+        except NameResolutionError:
+            raise EngineCallError("DNS name does not resolve", cause="dns") from None
+        except (NewConnectionError, ProtocolError) as exc:
+            raise EngineCallError(_connection_reason(exc), cause="connection",
+                                  transient=True) from None
+        except (ConnectTimeoutError, ReadTimeoutError, TimeoutError):
+            raise EngineCallError("timed out", cause="timeout") from None
+        except (HTTPError, LocationParseError, ValueError) as exc:
+            raise EngineCallError(f"request failed: {exc.__class__.__name__}",
+                                  cause="other") from None
+        try:
+            return response.status, _read_body(response, max_bytes, deadline)
+        finally:
+            response.release_conn()
 
 
-def _connection_reason(exc: requests.exceptions.ConnectionError) -> str:
-    text = str(exc)
-    if "NameResolution" in text or "Name or service not known" in text \
-            or "nodename nor servname" in text or "Failed to resolve" in text:
-        return "DNS name does not resolve"
-    if "Connection refused" in text:
+def _read_body(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float) -> bytes:
+    if 300 <= response.status < 400:
+        response.drain_conn()
+        raise EngineCallError(f"HTTP {response.status} redirect refused "
+                              "(redirects are never followed)", cause="redirect")
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        response.close()  # never read: the connection is not reused
+        raise EngineCallError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
+                              cause="oversize")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        # read1 returns whatever one socket read brings, so the deadline is checked between
+        # trickled bytes too; identity was asked for, so a body compressed anyway is not
+        # inflated (no bombs)
+        while chunk := response.read1(65536, decode_content=False):
+            size += len(chunk)
+            if size > max_bytes:
+                response.close()
+                raise EngineCallError(f"body exceeds the {max_bytes} byte cap",
+                                      cause="oversize")
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                response.close()
+                raise EngineCallError("timed out reading the body", cause="timeout")
+    except EngineCallError:
+        raise
+    except (TimeoutError, ReadTimeoutError):
+        response.close()
+        raise EngineCallError("timed out reading the body", cause="timeout") from None
+    except Exception as exc:  # urllib3 and socket errors of a broken body
+        response.close()
+        raise EngineCallError(f"reading the body failed: {exc.__class__.__name__}",
+                              cause="connection") from None
+    return b"".join(chunks)
+
+
+def _connection_reason(exc: Exception) -> str:
+    """Refused or reset, from the socket error urllib3 raised this from."""
+    cause = exc.__cause__ or exc.__context__
+    reason = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else cause
+    if isinstance(reason, ConnectionRefusedError):
         return "connection refused"
-    if "timed out" in text or "Timeout" in text:
-        return "connect timed out"
+    if isinstance(reason, ConnectionResetError):
+        return "connection reset"
     return "connection failed"
-
-
-def pooled_session(pool_size: int, hosts: int | None = None) -> requests.Session:
-    """A Session whose pools fit the workers using it: ``pool_size`` connections per host,
-    kept for up to ``hosts`` hosts (default ``pool_size``) so keep-alive survives a cycle.
-
-    ``trust_env`` is off: a proxy configured for the router's outbound traffic must not sit
-    between it and in-cluster engines.
-    """
-    session = requests.Session()
-    adapter = DeadlineAdapter(pool_connections=hosts or pool_size, pool_maxsize=pool_size,
-                              max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.trust_env = False
-    return session

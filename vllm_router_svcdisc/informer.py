@@ -3,31 +3,40 @@
 One ``Informer`` keeps one resource type in step with the API server on one background thread.
 It knows nothing about vLLM: it hands batches of :class:`Change` to a callback.
 
+The loop is one line of policy: ``result = list_and_watch(); wait(delay_after(result))``.  Each
+cycle ends in an :class:`Outcome` that says what happened; the wait before the next cycle follows
+from it alone.  Two failure classes keep separate :class:`~.backoff.Backoff` values, because they
+mean different things: a server that does not answer, or answers errors, backs off
+exponentially (client-go's 0.8 s doubling to 30 s) until it answers 200 again; a server that
+answered but whose stream did not last (a proxy ending watches at once, in-stream errors) is
+retried about once a second, never faster, and never after an exponent grown during a storm.
+Real progress (a LIST, an event, a bookmark) resets both and stops the health error clock.
+
 Why not ``kubernetes.watch.Watch.stream``: its behaviour differs between client releases 35, 36
-and 37 (REFERENCE.md §3: ``stop()`` not interrupting a read, a crash deserialising
-``endpoints: null``, pydantic models, silent 410 retries).  We call the official generated API
-functions with ``_preload_content=False`` and read the JSON ourselves, which behaves the same
-on every release and skips model deserialisation entirely.
+and 37 (``stop()`` not interrupting a read on 35, a crash deserialising ``endpoints: null``,
+pydantic models on 37, silent 410 retries).  We call the official generated API functions with
+``_preload_content=False`` and read the JSON ourselves, which behaves the same on every release
+and skips model deserialisation entirely.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import enum
 import json
 import logging
 import random
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import tenacity
-from tenacity import RetryCallState
+import urllib3
 
+from .backoff import Backoff, BackoffPolicy
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import ApiError, describe_api_error
 
 log = logging.getLogger(__name__)
@@ -38,12 +47,17 @@ DELETED = "DELETED"
 
 #: A watch line longer than this is treated as a broken stream (no object we read is near it).
 MAX_EVENT_BYTES = 16 * 1024 * 1024
-#: A LIST body larger than this is refused: it would mean a selector matching far too much.
+#: A LIST (all its pages together) larger than this is refused: a selector matching far too much.
 MAX_LIST_BYTES = 256 * 1024 * 1024
-#: A watch that breaks sooner than this without an event is a failure (backoff), not an end.
+#: A LIST is read in at most this many pages (with the default page size: 5 million objects).
+MAX_LIST_PAGES = 10_000
+#: A watch that ends sooner than this having delivered nothing is a failure, however it ended.
 MIN_HEALTHY_WATCH_SECONDS = 1.0
 #: After a 410 the informer re-lists at once, but never more often than this.
 MIN_RELIST_INTERVAL = 1.0
+#: The Status cause of a 504 from a server whose cache is behind the resourceVersion asked for.
+RV_TOO_LARGE_CAUSE = "ResourceVersionTooLarge"
+_MAX_LOGGED_REASONS = 32  # distinct failure reasons logged per outage
 
 
 @dataclass(frozen=True)
@@ -58,17 +72,71 @@ class Change:
 ChangeHandler = Callable[[Sequence[Change]], None]
 
 
-class _Expired(Exception):
-    """The resourceVersion we asked for is gone (410): only a re-LIST can recover."""
+class Outcome(enum.Enum):
+    """How one list-and-watch cycle ended; the wait before the next cycle follows from it."""
+
+    #: ``stop()`` was called.
+    STOPPED = "stopped"
+    #: A watch that delivered, or lasted, ended (server timeout, clean close, reset): re-watch
+    #: at once from the last resourceVersion.
+    WATCH_ENDED = "watch ended"
+    #: 410 Expired: the resourceVersion was compacted away; re-list (at most once a second).
+    EXPIRED = "expired"
+    #: 504 ResourceVersionTooLarge: this server is behind the RV asked for; re-list from "".
+    RV_TOO_LARGE = "resource version too large"
+    #: The server answered, but the watch ended within MIN_HEALTHY_WATCH_SECONDS having
+    #: delivered nothing (clean end, reset, in-stream ERROR): retry in about a second.
+    SHORT_WATCH = "short watch"
+    #: An open watch carried nothing (no event, no bookmark) for the liveness window: it was
+    #: abandoned and is re-opened at once from the last resourceVersion.
+    SILENT_WATCH = "silent watch"
+    #: The server answered an error (5xx, 429, 401/403, ...) or a body we cannot use.
+    SERVER_ERROR = "server error"
+    #: No answer at all: connection refused, reset or timed out before a response.
+    UNREACHABLE = "unreachable"
+
+
+#: Outcomes that count as failures for health (the error clock runs until real progress).
+FAILURES = frozenset({Outcome.SHORT_WATCH, Outcome.SILENT_WATCH, Outcome.SERVER_ERROR,
+                      Outcome.UNREACHABLE})
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    """An :class:`Outcome` with what health and logs need to say about it."""
+
+    outcome: Outcome
+    reason: str = ""
+    error: ApiError | None = None
+
+
+def classify(error: ApiError) -> Outcome:
+    """The outcome of a request the server refused, or that never reached it."""
+    if error.status == 0:
+        return Outcome.UNREACHABLE
+    if error.status == 410:
+        return Outcome.EXPIRED
+    if error.status == 504 and error.cause == RV_TOO_LARGE_CAUSE:
+        return Outcome.RV_TOO_LARGE
+    return Outcome.SERVER_ERROR
 
 
 class _StreamBroken(Exception):
-    """The watch stream ended abnormally (reset, malformed framing, read timeout)."""
+    """A response body ended abnormally (reset, malformed framing, read timeout)."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
 
 
 @dataclass
 class InformerStatus:
-    """What health checks and telemetry read about one informer; a copy, safe to keep."""
+    """What health checks and telemetry read about one informer; a copy, safe to keep.
+
+    ``error_since`` is when the current failure streak began (None when not failing): only
+    real progress ends a streak - a LIST applied, an event or a bookmark, or a watch that has
+    stayed open for ``MIN_HEALTHY_WATCH_SECONDS`` - never a response's headers alone.
+    """
 
     resource: str
     synced: bool = False
@@ -79,16 +147,27 @@ class InformerStatus:
     last_sync_rv: str = ""
     last_event_time: float | None = None
     last_bookmark_time: float | None = None
+    last_progress_time: float | None = None
+    requests: int = 0
     lists: int = 0
     relists_by_cause: dict[str, int] = field(default_factory=dict)
     watches: int = 0
+    short_watches: int = 0
+    silent_watches: int = 0
     events_by_type: dict[str, int] = field(default_factory=dict)
     malformed_events: int = 0
 
 
 @dataclass(frozen=True)
 class InformerConfig:
-    """Timing knobs; the defaults are client-go's, tests scale them down."""
+    """Timing knobs; the defaults are client-go's (or a real API server's), tests scale them.
+
+    ``watch_liveness_timeout``: a watch that carries nothing for this long is abandoned and
+    re-opened from the last resourceVersion.  It is the socket read timeout of the watch, so it
+    must exceed the server's bookmark period (about a minute) by a margin.
+    ``short_watch_retry``: the longest wait after a watch that ended at once with nothing.
+    ``list_page_size``: LIST pages of this many objects, as client-go's pager.
+    """
 
     watch_timeout_range: tuple[int, int] = (300, 600)
     read_timeout_slack: float = 30.0
@@ -97,36 +176,9 @@ class InformerConfig:
     backoff_initial: float = 0.8
     backoff_cap: float = 30.0
     backoff_reset_after: float = 120.0
-
-
-class _ReflectorBackoff(tenacity.wait.wait_base):
-    """client-go's backoff: 0.8 s doubling to 30 s, full jitter on top, honouring Retry-After.
-
-    The exponent counts failures since the informer last stayed healthy for
-    ``reset_after`` seconds, not tenacity's attempt number, so a long healthy run starts over.
-    """
-
-    def __init__(self, informer: Informer) -> None:
-        self._informer = informer
-        cfg = informer.config
-        self._exp = tenacity.wait_exponential(multiplier=cfg.backoff_initial,
-                                              max=cfg.backoff_cap)
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        outcome = retry_state.outcome
-        error = outcome.exception() if outcome is not None else None
-        if isinstance(error, _Expired):
-            # An expired RV is routine (compaction): re-list at once, but at most once per
-            # MIN_RELIST_INTERVAL so a server that expires every watch cannot spin us.
-            since = time.monotonic() - self._informer.last_list_time
-            return max(0.0, MIN_RELIST_INTERVAL - since) + random.uniform(0.0, 0.1)
-        state = copy.copy(retry_state)
-        state.attempt_number = max(1, self._informer.failure_streak)
-        delay = float(self._exp(state))
-        delay = min(self._informer.config.backoff_cap, delay * (1.0 + random.random()))
-        if isinstance(error, ApiError) and error.retry_after is not None:
-            delay = max(delay, float(error.retry_after))
-        return delay
+    watch_liveness_timeout: float = 120.0
+    short_watch_retry: float = 1.0
+    list_page_size: int = 500
 
 
 class Informer:
@@ -145,26 +197,37 @@ class Informer:
         *,
         label_selector: str | None = None,
         config: InformerConfig | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.resource = resource
-        self.config = config or InformerConfig()
+        self.config = cfg = config or InformerConfig()
         self._list_func = list_func
         self._handler = handler
         self._label_selector = label_selector or None
+        self._clock = clock
+        self._rng = random.Random()
+        self._error_backoff = Backoff(
+            BackoffPolicy(initial=cfg.backoff_initial, cap=cfg.backoff_cap,
+                          reset_after=cfg.backoff_reset_after), clock=clock)
+        self._short_watch_backoff = Backoff(
+            BackoffPolicy(initial=cfg.short_watch_retry / 2, cap=cfg.short_watch_retry,
+                          reset_after=cfg.backoff_reset_after), clock=clock)
         self._known: dict[str, str] = {}  # key -> resourceVersion of what the handler has seen
         self._stop = threading.Event()
         self._synced = threading.Event()
-        self._lock = threading.Lock()  # guards _status and _response
+        self._lock = threading.Lock()  # guards _status, _response and _watch_opened
         self._status = InformerStatus(resource=resource)
         self._response: Any = None
+        self._watch_opened: float | None = None  # when the open watch's headers arrived
         self._thread: threading.Thread | None = None
         self._last_rv = ""
         self._list_rv_unavailable = False
         self._need_list = True
-        self._healthy_since: float | None = None
-        self.failure_streak = 0
-        self.last_list_time = 0.0
-        self._logged_error: str | None = None
+        self._paginated = False  # the first LIST came back paged: the server has no watch cache
+        self._last_list_attempt: float | None = None
+        self._progress_marks = 0
+        self._doubt_open_watch = False  # a watch went silent: open is no proof of progress
+        self._logged_reasons: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -173,7 +236,7 @@ class Informer:
         if self._thread is not None:
             raise RuntimeError(f"informer for {self.resource} already started")
         self._thread = threading.Thread(
-            target=self._run, name=f"svcdisc-informer-{self.resource}", daemon=True
+            target=self.run, name=f"svcdisc-informer-{self.resource}", daemon=True
         )
         self._thread.start()
         return self
@@ -210,111 +273,114 @@ class Informer:
         return True
 
     def status(self) -> InformerStatus:
-        """A copy of the current status."""
+        """A copy of the current status.
+
+        A watch that has stayed open for ``MIN_HEALTHY_WATCH_SECONDS`` ends a failure streak
+        even before it carries anything: on a quiet cluster the first bookmark may be a minute
+        away, and the informer is current as soon as such a watch is established.  Not after a
+        silent watch, though: until something arrives, an open stream may be silent again.
+        """
+        now = self._clock.monotonic()
         with self._lock:
-            alive = self._thread is not None and self._thread.is_alive()
-            return InformerStatus(
+            status = InformerStatus(
                 **{
                     **self._status.__dict__,
-                    "alive": alive,
+                    "alive": self._thread is not None and self._thread.is_alive(),
                     "relists_by_cause": dict(self._status.relists_by_cause),
                     "events_by_type": dict(self._status.events_by_type),
                 }
             )
+            opened = self._watch_opened
+            doubt = self._doubt_open_watch
+        if opened is not None and not doubt and now - opened >= MIN_HEALTHY_WATCH_SECONDS:
+            status.last_error = status.error_since = status.auth_error = None
+        return status
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(self._retryable),
-            wait=_ReflectorBackoff(self),
-            stop=self._stop_requested,
-            sleep=self._pause,
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
+    def run(self) -> None:
+        """The informer's loop, on the calling thread, until :meth:`stop` (``start`` threads it).
+
+        It never raises: an unexpected error is logged and shown in health, not lost.
+        """
         try:
-            retrying(self._list_and_watch)  # returns only once stopped
-        except Exception:
-            if not self._stop.is_set():  # stopping mid-retry re-raises the last error: fine
-                self._crash()
-        except BaseException:
-            self._crash()
+            while not self._stop.is_set():
+                result = self._list_and_watch()
+                if result.outcome is Outcome.STOPPED or self._stop.is_set():
+                    break
+                self._account(result)
+                self._clock.wait(self._stop, self._delay_after(result))
+        except BaseException as exc:  # the thread must never die silently
+            log.exception("informer %s stopped by an unexpected error", self.resource)
+            self._record_error(f"informer thread crashed: {exc!r}")
         finally:
             self._abort_response()
 
-    def _crash(self) -> None:
-        """The thread must never die silently: log it and make health say so."""
-        exc = sys.exc_info()[1]
-        log.exception("informer %s stopped by an unexpected error", self.resource)
-        self._record_error(f"informer thread crashed: {exc!r}")
+    def _list_and_watch(self) -> CycleResult:
+        """One cycle: LIST if the cache needs it, then one WATCH from the last RV."""
+        if self._need_list:
+            failed = self._list()
+            if failed is not None:
+                return failed
+        return self._watch()
 
-    def _stop_requested(self, _state: RetryCallState) -> bool:
-        return self._stop.is_set()
+    def _delay_after(self, result: CycleResult) -> float:
+        """How long to wait before the next cycle, from what this one's outcome says."""
+        outcome = result.outcome
+        if outcome in (Outcome.WATCH_ENDED, Outcome.SILENT_WATCH):
+            return 0.0  # the stream worked (or its silence already cost the liveness window)
+        if outcome in (Outcome.EXPIRED, Outcome.RV_TOO_LARGE):
+            last = self._last_list_attempt
+            since = MIN_RELIST_INTERVAL if last is None else self._clock.monotonic() - last
+            return max(0.0, MIN_RELIST_INTERVAL - since) + self._rng.uniform(0.0, 0.1)
+        if outcome is Outcome.SHORT_WATCH:
+            return self._short_watch_backoff.next()
+        retry_after = result.error.retry_after if result.error is not None else None
+        return self._error_backoff.next(retry_after)
 
-    def _pause(self, seconds: float) -> None:
-        self._stop.wait(seconds)
-
-    def _retryable(self, error: BaseException) -> bool:
-        return not self._stop.is_set() and isinstance(error, Exception)
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        outcome = state.outcome
-        error = outcome.exception() if outcome is not None else None
-        if error is None:
+    def _account(self, result: CycleResult) -> None:
+        """Counters, the health clock and logs for a finished cycle."""
+        outcome = result.outcome
+        if outcome in (Outcome.EXPIRED, Outcome.RV_TOO_LARGE):
+            self._need_list = True
+            if outcome is Outcome.RV_TOO_LARGE:
+                self._list_rv_unavailable = True  # as client-go: the next LIST is from ""
+            cause = "expired" if outcome is Outcome.EXPIRED else "rv_too_large"
+            self._count_relist(cause)
+            log.info("%s: %s, re-listing", self.resource, result.reason or outcome.value)
             return
-        if isinstance(error, _Expired):
-            self._count_relist("expired")
-            log.info("%s: resourceVersion expired (410), re-listing", self.resource)
+        if outcome not in FAILURES:
             return
-        self._record_error(describe_api_error(error), error)
-
-    def _list_and_watch(self) -> None:
-        """One reflector cycle; raises on any failure so tenacity backs off and retries."""
-        listing = self._need_list
-        try:
-            if listing:
-                self._list()
-                listing = False
-            while not self._stop.is_set():
-                self._watch()
-        except _Expired:
-            self._need_list = True  # not a failure: re-list soon, see _ReflectorBackoff
-            raise
-        except Exception as exc:
-            if self._stop.is_set():
-                return
-            if isinstance(exc, ApiError) and exc.status == 410:
-                # An HTTP 410 (a LIST at a compacted RV, or a watch refused outright) is the
-                # same routine expiry as the ERROR event: re-list, from "" if LIST said so.
-                self._need_list = True
-                self._list_rv_unavailable = listing
-                raise _Expired(exc.message) from exc
-            self._note_failure()
-            raise
-
-    def _note_failure(self) -> None:
-        """Count a failure; a long healthy run before it resets the backoff exponent."""
-        healthy_since = self._healthy_since
-        if (
-            healthy_since is not None
-            and time.monotonic() - healthy_since >= self.config.backoff_reset_after
-        ):
-            self.failure_streak = 0
-        self.failure_streak += 1
-        self._healthy_since = None
-
-    def _note_healthy(self) -> None:
-        if self._healthy_since is None:
-            self._healthy_since = time.monotonic()
+        since = None
         with self._lock:
+            if outcome is Outcome.SHORT_WATCH:
+                self._status.short_watches += 1
+            elif outcome is Outcome.SILENT_WATCH:
+                self._status.silent_watches += 1
+                self._doubt_open_watch = True
+                # Nothing has arrived for the whole liveness window: the streak began then.
+                since = self._status.last_progress_time
+        if outcome in (Outcome.SERVER_ERROR, Outcome.UNREACHABLE):
+            self._count_relist("error")
+        self._record_error(result.reason or outcome.value, result.error, since=since)
+
+    def _note_progress(self) -> None:
+        """Real progress (a LIST applied, an event, a bookmark): the server is answering."""
+        now = self._clock.monotonic()
+        self._progress_marks += 1
+        self._error_backoff.reset()
+        self._short_watch_backoff.reset()
+        with self._lock:
+            self._status.last_progress_time = now
+            self._doubt_open_watch = False
             had_error = self._status.last_error is not None
-            self._status.last_error = None
-            self._status.error_since = None
-            self._status.auth_error = None
+            if had_error:
+                self._status.last_error = None
+                self._status.error_since = None
+                self._status.auth_error = None
         if had_error:
             log.info("%s: list/watch healthy again", self.resource)
-        self._logged_error = None
+            self._logged_reasons.clear()
 
     # -- LIST --------------------------------------------------------------------------------
 
@@ -324,26 +390,30 @@ class Informer:
             return ""
         return self._last_rv or "0"
 
-    def _list(self) -> None:
-        kwargs: dict[str, Any] = {
-            "resource_version": self._list_resource_version(),
-            "_preload_content": False,
-            "_request_timeout": (self.config.connect_timeout, self.config.list_read_timeout),
-        }
-        if self._label_selector:
-            kwargs["label_selector"] = self._label_selector
-        response = self._call(**kwargs)
+    def _list(self) -> CycleResult | None:
+        """LIST every page, then replace the cache once; None on success."""
+        self._last_list_attempt = self._clock.monotonic()
+        rv = self._list_resource_version()
         try:
-            body = _read_capped(response, MAX_LIST_BYTES)
-        finally:
-            _release(response)
-            self._set_response(None)
-        try:
-            data = json.loads(body)
-            items = data.get("items") or []
-            list_rv = str(data["metadata"]["resourceVersion"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise _StreamBroken(f"malformed {self.resource} list: {exc}") from exc
+            try:
+                items, list_rv = self._list_pages(rv)
+            except ApiError as exc:
+                if classify(exc) not in (Outcome.EXPIRED, Outcome.RV_TOO_LARGE):
+                    raise
+                # As client-go: the RV (or a continue token) is gone, or this server is behind
+                # it; re-list at once from "" (a quorum read), not after a backoff.
+                self._count_relist("expired" if exc.status == 410 else "rv_too_large")
+                log.info("%s: LIST at resourceVersion %r refused (%s); re-listing from scratch",
+                         self.resource, rv, describe_api_error(exc))
+                self._list_rv_unavailable = True
+                items, list_rv = self._list_pages("")
+        except ApiError as exc:
+            outcome = classify(exc)
+            if outcome is not Outcome.SERVER_ERROR and outcome is not Outcome.UNREACHABLE:
+                self._list_rv_unavailable = True  # refused again: the next LIST is from ""
+            return CycleResult(outcome, describe_api_error(exc), exc)
+        except _StreamBroken as exc:
+            return CycleResult(Outcome.SERVER_ERROR, f"{self.resource} LIST unusable: {exc}")
         self._replace(items)
         self._last_rv = list_rv
         self._list_rv_unavailable = False
@@ -351,11 +421,55 @@ class Informer:
         with self._lock:
             self._status.lists += 1
             self._status.last_sync_rv = list_rv
-        self.last_list_time = time.monotonic()
-        self._synced.set()
-        with self._lock:
             self._status.synced = True
-        self._note_healthy()
+        self._synced.set()
+        self._note_progress()
+        return None
+
+    def _list_pages(self, rv: str) -> tuple[list[Any], str]:
+        """All pages of one LIST, as client-go's pager: ``limit`` when the server pages.
+
+        A LIST at "0" or "" asks for pages (a server with a watch cache ignores ``limit`` at
+        "0"); a re-LIST at a newer RV asks for none, so the watch cache serves it, unless the
+        first LIST showed that this server pages anyway.
+        """
+        paged = rv in ("0", "") or self._paginated
+        items: list[Any] = []
+        budget = MAX_LIST_BYTES
+        token = ""
+        for _page in range(MAX_LIST_PAGES):
+            kwargs: dict[str, Any] = {
+                "_preload_content": False,
+                "_request_timeout": (self.config.connect_timeout, self.config.list_read_timeout),
+            }
+            if token:
+                kwargs["_continue"] = token
+            else:
+                kwargs["resource_version"] = rv
+            if paged:
+                kwargs["limit"] = self.config.list_page_size
+            if self._label_selector:
+                kwargs["label_selector"] = self._label_selector
+            response = self._call(**kwargs)
+            try:
+                body = _read_capped(response, budget)
+            finally:
+                _release(response)
+                self._set_response(None)
+            budget -= len(body)
+            try:
+                data = json.loads(body)
+                items.extend(data.get("items") or [])
+                metadata = data["metadata"]
+                list_rv = str(metadata["resourceVersion"])
+                token = str(metadata.get("continue") or "")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise _StreamBroken(f"malformed {self.resource} list: {exc}") from exc
+            if token and rv == "0":
+                self._paginated = True
+            if not token:
+                return items, list_rv
+        raise _StreamBroken(f"more than {MAX_LIST_PAGES} pages")
 
     def _replace(self, items: list[Any]) -> None:
         """Hand the listed state over: changed objects as MODIFIED/ADDED, vanished as DELETED.
@@ -385,47 +499,81 @@ class Informer:
 
     # -- WATCH -------------------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        low, high = self.config.watch_timeout_range
-        timeout_seconds = random.randint(low, max(low, high - 1))
+    def _watch(self) -> CycleResult:
+        """One WATCH from the last RV, read until it ends; says how it ended."""
+        cfg = self.config
+        low, high = cfg.watch_timeout_range
+        timeout_seconds = self._rng.randint(low, max(low, high - 1))
+        # urllib3's read timeout applies to each socket read: with bookmarks requested, a
+        # stream that carries nothing for the liveness window is dead (or black-holed).
+        read_timeout = min(timeout_seconds + cfg.read_timeout_slack, cfg.watch_liveness_timeout)
         kwargs: dict[str, Any] = {
             "watch": True,
             "allow_watch_bookmarks": True,
             "resource_version": self._last_rv,
             "timeout_seconds": timeout_seconds,
             "_preload_content": False,
-            "_request_timeout": (
-                self.config.connect_timeout,
-                timeout_seconds + self.config.read_timeout_slack,
-            ),
+            "_request_timeout": (cfg.connect_timeout, read_timeout),
         }
         if self._label_selector:
             kwargs["label_selector"] = self._label_selector
-        response = self._call(**kwargs)
+        try:
+            response = self._call(**kwargs)
+        except ApiError as exc:
+            if self._stop.is_set():
+                return CycleResult(Outcome.STOPPED)
+            return CycleResult(classify(exc), describe_api_error(exc), exc)
+        opened = self._clock.monotonic()
+        marks = self._progress_marks
         with self._lock:
             self._status.watches += 1
-        self._note_healthy()
-        opened = time.monotonic()
-        lines = 0
+            self._watch_opened = opened
+        error: ApiError | None = None
+        ending = "the server ended the stream"
         try:
             for line in _iter_lines(response, MAX_EVENT_BYTES):
                 if self._stop.is_set():
-                    return
-                lines += 1
-                self._handle_line(line)
-        except _StreamBroken:
-            # Like client-go: a stream that worked and then broke (connection reset, proxy or
-            # API server restart) is re-opened at once from the last RV; only a stream that
-            # breaks straight away counts as a failure and backs off.
-            if lines == 0 and time.monotonic() - opened < MIN_HEALTHY_WATCH_SECONDS:
-                raise
-            log.debug("%s: watch stream broke after %d events; re-watching", self.resource,
-                      lines)
+                    return CycleResult(Outcome.STOPPED)
+                error = self._handle_line(line)
+                if error is not None:
+                    break
+        except _StreamBroken as broken:
+            if self._stop.is_set():
+                return CycleResult(Outcome.STOPPED)
+            if broken.timed_out:
+                return CycleResult(Outcome.SILENT_WATCH,
+                                   f"watch carried nothing for {read_timeout:g}s (no event, "
+                                   "no bookmark): abandoned, re-opened from the last "
+                                   "resourceVersion")
+            ending = str(broken)
         finally:
             _release(response)
-            self._set_response(None)
+            with self._lock:
+                self._response = None
+                self._watch_opened = None
+        if self._stop.is_set():
+            return CycleResult(Outcome.STOPPED)
+        delivered = self._progress_marks > marks
+        if error is not None:
+            outcome = classify(error)
+            if outcome in (Outcome.EXPIRED, Outcome.RV_TOO_LARGE):
+                return CycleResult(outcome, f"watch: {describe_api_error(error)}", error)
+            if not delivered:
+                return CycleResult(Outcome.SHORT_WATCH, "watch answered, then failed in-stream: "
+                                   f"{describe_api_error(error)}", error)
+            return CycleResult(Outcome.WATCH_ENDED)
+        lasted = self._clock.monotonic() - opened
+        if not delivered and lasted < MIN_HEALTHY_WATCH_SECONDS:
+            # client-go's rule: a watch ending this soon with nothing is an error, however it
+            # ended; without it a proxy that closes every watch at once is a hot loop.
+            return CycleResult(Outcome.SHORT_WATCH,
+                               f"watch ended at once with no event ({ending})")
+        if not delivered:
+            self._note_progress()  # it stayed open: the server is serving this watch
+        return CycleResult(Outcome.WATCH_ENDED)
 
-    def _handle_line(self, line: bytes) -> None:
+    def _handle_line(self, line: bytes) -> ApiError | None:
+        """Apply one watch line; an ``ERROR`` event is returned, ending the watch."""
         try:
             event = json.loads(line)
             event_type = event["type"]
@@ -434,30 +582,30 @@ class Informer:
                 raise TypeError("object is not a JSON object")
         except (ValueError, KeyError, TypeError) as exc:
             self._count_malformed(f"undecodable watch event ({exc.__class__.__name__})")
-            return
-        now = time.monotonic()
+            return None
+        now = self._clock.monotonic()
         with self._lock:
             counts = self._status.events_by_type
             counts[event_type] = counts.get(event_type, 0) + 1
             self._status.last_event_time = now
         if event_type == "ERROR":
-            self._handle_error_event(obj)
-            return
-        rv = obj.get("metadata", {}).get("resourceVersion") if isinstance(
-            obj.get("metadata"), dict) else None
+            return ApiError.from_status(obj)
+        metadata = obj.get("metadata")
+        rv = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
         if event_type == "BOOKMARK":
             if rv:
                 self._last_rv = str(rv)
             with self._lock:
                 self._status.last_bookmark_time = now
-            return
+            self._note_progress()
+            return None
         if event_type not in (ADDED, MODIFIED, DELETED):
             self._count_malformed(f"unknown watch event type {event_type!r}")
-            return
+            return None
         key = _object_key(obj)
         if key is None or not rv:
             self._count_malformed(f"{event_type} event without name or resourceVersion")
-            return
+            return None
         if event_type == DELETED:
             if self._known.pop(key, None) is not None:
                 self._deliver([Change(DELETED, key, obj)])
@@ -466,22 +614,22 @@ class Informer:
             self._known[key] = str(rv)
             self._deliver([Change(kind, key, obj)])
         self._last_rv = str(rv)
-
-    def _handle_error_event(self, status: dict[str, Any]) -> None:
-        code = status.get("code")
-        message = str(status.get("message") or status.get("reason") or "watch error")
-        if code == 410 or status.get("reason") in ("Expired", "Gone"):
-            raise _Expired(message)
-        raise ApiError(int(code) if isinstance(code, int) else 500, message)
+        self._note_progress()
+        return None
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def _call(self, **kwargs: Any) -> Any:
         """Call the client function, translating its exceptions into :class:`ApiError`."""
+        with self._lock:
+            self._status.requests += 1
         try:
             response = self._list_func(**kwargs)
         except Exception as exc:
             raise ApiError.from_exception(exc) from exc
+        # The server answered 200: a streak of "unreachable / answers errors" is over, whatever
+        # the body or stream does next (that is the short-watch class, and health's business).
+        self._error_backoff.reset()
         self._set_response(response)
         if self._stop.is_set():
             self._abort_response()
@@ -523,21 +671,18 @@ class Informer:
             causes = self._status.relists_by_cause
             causes[cause] = causes.get(cause, 0) + 1
 
-    def _record_error(self, reason: str, error: BaseException | None = None) -> None:
-        """Remember the failure for health; log it once per distinct reason, not per retry."""
-        now = time.monotonic()
+    def _record_error(self, reason: str, error: BaseException | None = None, *,
+                      since: float | None = None) -> None:
+        """Remember the failure for health; log each distinct reason once per outage."""
+        now = self._clock.monotonic()
         auth = isinstance(error, ApiError) and error.status in (401, 403)
         with self._lock:
             self._status.last_error = reason
             if self._status.error_since is None:
-                self._status.error_since = now
+                self._status.error_since = now if since is None else min(since, now)
             self._status.auth_error = reason if auth else None
-        if isinstance(error, ApiError) and error.status == 410:
-            self._count_relist("expired")
-        elif error is not None:
-            self._count_relist("error")
-        if reason != self._logged_error:
-            self._logged_error = reason
+        if reason not in self._logged_reasons and len(self._logged_reasons) < _MAX_LOGGED_REASONS:
+            self._logged_reasons.add(reason)
             level = logging.ERROR if auth else logging.WARNING
             log.log(level, "%s: list/watch failing, retrying with backoff: %s",
                     self.resource, reason)
@@ -569,6 +714,13 @@ def _release(response: Any) -> None:
             getattr(response, method)()
 
 
+def _broken(exc: BaseException, what: str) -> _StreamBroken:
+    """A read failure, telling a read timeout (nothing arrived) from a reset or bad framing."""
+    causes = (exc, exc.__context__, exc.__cause__)
+    timed_out = any(isinstance(c, urllib3.exceptions.TimeoutError | TimeoutError) for c in causes)
+    return _StreamBroken(f"{what}: {exc.__class__.__name__}", timed_out=timed_out)
+
+
 def _read_capped(response: Any, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -576,12 +728,12 @@ def _read_capped(response: Any, limit: int) -> bytes:
         for chunk in response.stream(65536, decode_content=True):
             size += len(chunk)
             if size > limit:
-                raise _StreamBroken(f"response larger than {limit} bytes")
+                raise _StreamBroken(f"response larger than {MAX_LIST_BYTES} bytes")
             chunks.append(chunk)
     except _StreamBroken:
         raise
     except Exception as exc:
-        raise _StreamBroken(f"reading the response failed: {exc.__class__.__name__}") from exc
+        raise _broken(exc, "reading the response failed") from exc
     return b"".join(chunks)
 
 
@@ -603,6 +755,6 @@ def _iter_lines(response: Any, max_line: int) -> Iterator[bytes]:
     except _StreamBroken:
         raise
     except Exception as exc:
-        raise _StreamBroken(f"watch stream broke: {exc.__class__.__name__}") from exc
+        raise _broken(exc, "connection reset") from exc
     if pending.strip():
         yield pending

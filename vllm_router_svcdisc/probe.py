@@ -14,16 +14,15 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import requests
 import tenacity
 
 from .cache import ModelProbe, ProbeTarget
-from .http import HttpFetchError, fetch, pooled_session
+from .http import EngineCallError, EnginePool, expect_ok, fetch
 from .types import ModelInfo
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +42,12 @@ class ProbeConfig:
     workers: int = 8
 
 
-class ProbeError(Exception):
-    """A probe failed for a reason worth showing as is (never contains credentials)."""
-
-    def __init__(self, reason: str, *, transient: bool, unreachable: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.transient = transient
-        self.unreachable = unreachable
-
-
 def parse_model_list(data: Any) -> dict[str, ModelInfo]:
-    """``{"object": "list", "data": [cards]}`` → models by id; a wrong shape raises ProbeError."""
+    """``{"object": "list", "data": [cards]}`` → models by id; a wrong shape is an error."""
     cards = data.get("data") if isinstance(data, dict) else None
     if not isinstance(cards, list):
-        raise ProbeError("/v1/models answered an unexpected shape (no 'data' list)",
-                         transient=False)
+        raise EngineCallError("/v1/models answered an unexpected shape (no 'data' list)",
+                              cause="answer")
     models: dict[str, ModelInfo] = {}
     for card in cards:
         if not isinstance(card, dict):
@@ -71,35 +60,29 @@ def parse_model_list(data: Any) -> dict[str, ModelInfo]:
     return models
 
 
-def fetch_models(session: requests.Session, url: str, api_key: str | None,
+def fetch_models(session: EnginePool, url: str, api_key: str | None,
                  config: ProbeConfig) -> dict[str, ModelInfo]:
     """Fetch and parse ``<url>/v1/models`` with bounded tenacity retries on transient errors."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def attempt() -> dict[str, ModelInfo]:
-        try:
-            status, body = fetch(session, f"{url}/v1/models", headers=headers,
-                                 timeout=config.timeout, max_bytes=MAX_MODELS_BYTES)
-        except HttpFetchError as exc:
-            raise ProbeError(exc.reason, transient=exc.transient,
-                             unreachable=exc.cause in ("timeout", "connection", "dns")) from None
+        status, body = fetch(session, f"{url}/v1/models", headers=headers,
+                             timeout=config.timeout, max_bytes=MAX_MODELS_BYTES)
         if status == 401:
             hint = ("the key in VLLM_API_KEY was refused" if api_key
                     else f"set {API_KEY_ENV} to the engines' API key")
-            raise ProbeError(f"401 Unauthorized from /v1/models: {hint}", transient=False)
-        if status >= 500:
-            raise ProbeError(f"/v1/models answered HTTP {status}", transient=True,
-                             unreachable=True)
-        if status != 200:
-            raise ProbeError(f"/v1/models answered HTTP {status}", transient=False)
+            raise EngineCallError(f"401 Unauthorized from /v1/models: {hint}", cause="http",
+                                  status=401)
+        expect_ok(status, "/v1/models")
         try:
             data = json.loads(body)
         except ValueError:
-            raise ProbeError("/v1/models answered invalid JSON", transient=False) from None
+            raise EngineCallError("/v1/models answered invalid JSON", cause="answer") from None
         return parse_model_list(data)
 
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, ProbeError) and e.transient),
+        retry=tenacity.retry_if_exception(
+            lambda e: isinstance(e, EngineCallError) and e.transient and not session.closed),
         stop=tenacity.stop_after_attempt(config.attempts),
         wait=tenacity.wait_exponential(multiplier=config.retry_wait, max=2.0),
         reraise=True,
@@ -131,17 +114,17 @@ class ModelProber:
         *,
         config: ProbeConfig | None = None,
         api_key: str | None = None,
-        session: requests.Session | None = None,
+        session: EnginePool | None = None,
     ) -> None:
         self.config = config or ProbeConfig()
         self._record = record
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        self._session = session or pooled_session(self.config.workers)
+        self._session = session or EnginePool(self.config.workers)
         self._due: dict[str, _Due] = {}
         self._results: list[tuple[str, ModelProbe]] = []
         self._cond = threading.Condition()
         self._stop = False
-        self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="svcdisc-probe")
+        self._pool = WorkerPool(self.config.workers, "svcdisc-probe")
         self._thread = threading.Thread(target=self._run, name="svcdisc-prober", daemon=True)
         self._logged: dict[str, str | None] = {}
         self.probes_total = 0
@@ -175,13 +158,15 @@ class ModelProber:
             self._cond.notify()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the scheduler and every worker; probes in flight are aborted, not awaited."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
         self._session.close()
+        self._pool.close(deadline)
+        if self._thread.is_alive():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while True:
@@ -212,7 +197,7 @@ class ModelProber:
         try:
             models = fetch_models(self._session, url, self._api_key, self.config)
             result = ModelProbe(ok=True, models=models, time=time.monotonic())
-        except ProbeError as exc:
+        except EngineCallError as exc:
             result = ModelProbe(ok=False, reason=exc.reason, time=time.monotonic(),
                                 unreachable=exc.unreachable)
         except Exception as exc:  # a probe must never kill a worker silently
@@ -221,8 +206,8 @@ class ModelProber:
                                 time=time.monotonic())
         with self._cond:
             due = self._due.get(key)
-            if due is None:
-                return  # the Service went away while we probed
+            if due is None or self._stop:
+                return  # the Service went away while we probed, or we are closing
             due.in_flight = False
             self.probes_total += 1
             self.failures_total += not result.ok

@@ -1,31 +1,33 @@
 """EngineStatsScraper: every ready pod's ``/metrics``, aggregated per Service.
 
-One scheduler thread hands due pods to a bounded worker pool each interval and publishes a
-snapshot of the results; a worker blocked on a black-holed engine costs only its own timeout,
-and a failing pod is retried with backoff so it cannot starve the healthy ones.  Results live
-in a TTL cache: a pod that stops answering keeps its last stats until the TTL expires, a pod
-that leaves the endpoints is dropped at once.
+Pods are keys of one :class:`~vllm_router_svcdisc.workqueue.WorkQueue`, served by a bounded
+set of worker threads: a pod is never scraped twice at once, a healthy pod comes back one
+interval after its last scrape started, a failing one after its own exponential backoff, and a
+pod new to discovery is queued at once.  A worker blocked on a black-holed engine costs only
+itself, and failing pods may hold at most a quarter of the workers, so they cannot starve the
+healthy ones.  One more thread follows discovery's snapshot and publishes: only the Services
+whose pods changed are aggregated again.  A pod selected by several Services is scraped once
+and counts in each.  Readings live in a TTL cache: a pod that stops answering keeps its last
+stats until the TTL expires, a pod that leaves the endpoints is dropped at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-import requests
 import tenacity
-import urllib3
 from cachetools import TTLCache
+from prometheus_client import Counter, Histogram
 
-from .http import HttpFetchError, fetch, pooled_session
+from .backoff import BackoffPolicy
+from .http import EngineCallError, EnginePool, expect_ok, fetch
+from .telemetry import PREFIX
 from .types import EngineStats, PodEndpoint
 from .vllm_metrics import (
     MetricsParseError,
@@ -35,28 +37,21 @@ from .vllm_metrics import (
     parse_metrics,
     pod_stats,
 )
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
 MAX_METRICS_BYTES = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class ScrapeTarget:
-    """One pod to scrape and the Service it belongs to."""
-
-    pod_url: str
-    service_url: str
-
-
 @dataclass
-class _PodState:
-    target: ScrapeTarget
-    next_due: float = 0.0
-    in_flight: bool = False
-    failures: int = 0
-    last_error: str | None = None
+class _Pod:
+    """A pod being scraped: the Services it belongs to and what its last scrape said."""
+
+    url: str
+    services: frozenset[str]
     previous: PodSample | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,45 +64,33 @@ class _StatsSnapshot:
 _EMPTY = _StatsSnapshot(MappingProxyType({}), MappingProxyType({}), 0.0)
 
 
-class _Transient(Exception):
-    """A failure worth one quick retry (connection reset, 5xx)."""
-
-    def __init__(self, reason: str, cause: str) -> None:
-        super().__init__(reason)
-        self.cause = cause
-
-
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ScrapeTelemetry:
-    """Counters the Prometheus collector reads: scrape durations and failures by cause."""
+    """Scrape durations and failures by cause, as prometheus_client metrics on no registry.
+
+    ``telemetry.DiscoveryCollector`` exposes them with the rest of the ``vllm_svcdisc_*``
+    metrics on whatever registry it is registered on.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.failures_by_cause: dict[str, int] = {}
+        self.durations = Histogram(f"{PREFIX}_scrape_duration_seconds",
+                                   "Duration of one pod's /metrics scrape.",
+                                   buckets=DURATION_BUCKETS, registry=None)
+        self.failures = Counter(f"{PREFIX}_scrape_failures",
+                                "Pod scrapes that failed, by cause.", ["cause"], registry=None)
 
     def observe(self, seconds: float, failure_cause: str | None) -> None:
-        index = next((i for i, bound in enumerate(DURATION_BUCKETS) if seconds <= bound),
-                     len(DURATION_BUCKETS))
-        with self._lock:
-            self._counts[index] += 1
-            self.duration_sum += seconds
-            if failure_cause is not None:
-                causes = self.failures_by_cause
-                causes[failure_cause] = causes.get(failure_cause, 0) + 1
+        self.durations.observe(seconds)
+        if failure_cause is not None:
+            self.failures.labels(failure_cause).inc()
 
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative histogram buckets, ``+Inf`` last, as prometheus_client wants them."""
-        with self._lock:
-            counts = list(self._counts)
-        result, running = [], 0
-        for bound, count in zip([*map(str, DURATION_BUCKETS), "+Inf"], counts, strict=True):
-            running += count
-            result.append((bound, float(running)))
-        return result
+    @property
+    def failures_by_cause(self) -> dict[str, float]:
+        return {sample.labels["cause"]: sample.value
+                for metric in self.failures.collect() for sample in metric.samples
+                if sample.name.endswith("_total")}
 
 
 class EngineStatsScraper:
@@ -119,6 +102,11 @@ class EngineStatsScraper:
     most a quarter of the workers, so black-holed engines cannot starve healthy ones;
     ``keepalive_hosts`` is how many pods keep an idle connection between scrapes (one file
     descriptor each).
+
+    ``discovery_provider`` (instead of ``discovery``) is called at every cycle and returns the
+    discovery to follow, or None for none: a host that swaps its discovery singleton (as
+    production-stack's ``reconfigure_service_discovery`` does) needs no new scraper, and the
+    closed discovery is never read again.
     """
 
     def __init__(
@@ -132,31 +120,59 @@ class EngineStatsScraper:
         max_bytes: int = MAX_METRICS_BYTES,
         attempts: int = 2,
         keepalive_hosts: int = 1024,
-        session: requests.Session | None = None,
+        session: EnginePool | None = None,
+        discovery_provider: Callable[[], Any] | None = None,
     ) -> None:
         if scrape_interval <= 0 or timeout <= 0 or workers < 1 or attempts < 1:
             raise ValueError("scrape_interval and timeout must be > 0, workers and attempts >= 1")
-        self.discovery = discovery
+        if (discovery is None) == (discovery_provider is None):
+            raise ValueError("pass either a discovery or a discovery_provider")
+        self._discovery_of: Callable[[], Any] = discovery_provider or (lambda: discovery)
         self.scrape_interval = float(scrape_interval)
         self.timeout = float(timeout)
         self.stale_after = stale_after or max(3 * self.scrape_interval,
                                               self.timeout + self.scrape_interval)
         self.max_bytes = max_bytes
         self.attempts = attempts
-        self._session = session or pooled_session(2, hosts=keepalive_hosts)
-        self._failing_slots = max(1, workers // 4)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="svcdisc-scrape")
-        self._lock = threading.Lock()
+        self._session = session or EnginePool(2, hosts=keepalive_hosts)
+        # one quick retry of a transient failure, within the timeout (tenacity keeps the state
+        # of each call on its own thread, so all workers share this one)
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, EngineCallError) and e.transient),
+            stop=(tenacity.stop_after_attempt(attempts)
+                  | tenacity.stop_after_delay(self.timeout)),
+            wait=tenacity.wait_fixed(0.05),
+            sleep=self._pause,
+            reraise=True,
+        )
+        # a failing pod comes back after 0.5-1, 1-2, 2-4 ... intervals, at most 8
+        self._queue: WorkQueue[str] = WorkQueue(backoff=BackoffPolicy(
+            initial=self.scrape_interval / 2, factor=2.0, jitter=1.0,
+            cap=8 * self.scrape_interval, reset_after=float("inf")))
+        self._failing_slots = threading.BoundedSemaphore(max(1, workers // 4))
+        self._lock = threading.Lock()  # guards _pods, _members, _readings, _changed
         self._readings: TTLCache[str, PodReading] = TTLCache(
             maxsize=1_000_000, ttl=self.stale_after, timer=time.monotonic)
-        self._pods: dict[str, _PodState] = {}
-        self._dirty = threading.Event()
+        self._pods: dict[str, _Pod] = {}
+        self._members: dict[str, set[str]] = {}  # Service URL -> its pods' URLs
+        self._changed: set[str] = set()  # Services to aggregate again at the next publish
+        self._service_stats: dict[str, EngineStats] = {}  # the publisher thread's own
         self._stop = threading.Event()
         self._snapshot = _EMPTY
         self._last_cycle: float | None = None
         self._telemetry = ScrapeTelemetry()
         self._thread = threading.Thread(target=self._run, name="svcdisc-scraper", daemon=True)
+        self._workers = [threading.Thread(target=self._work, name=f"svcdisc-scrape-{i}",
+                                          daemon=True) for i in range(workers)]
         self._thread.start()
+        for worker in self._workers:
+            worker.start()
+
+    @property
+    def discovery(self) -> Any:
+        """The discovery scraped now (the provider's current answer)."""
+        return self._discovery_of()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -176,6 +192,11 @@ class EngineStatsScraper:
         """A pod's stats older than this come from an earlier scrape than the last one due."""
         return 2 * self.scrape_interval + self.timeout
 
+    def stale_pods(self, stats: Mapping[str, EngineStats], now: float | None = None) -> int:
+        """How many of these per-pod stats are stale (older than :attr:`stale_age`)."""
+        now = time.monotonic() if now is None else now
+        return sum(now - s.sample_time > self.stale_age for s in stats.values())
+
     def telemetry(self) -> ScrapeTelemetry:
         """Scrape durations and failures by cause (read by ``telemetry.DiscoveryCollector``)."""
         return self._telemetry
@@ -187,13 +208,14 @@ class EngineStatsScraper:
                 and time.monotonic() - last < 3 * self.scrape_interval + 1.0)
 
     def close(self) -> None:
-        """Stop the scheduler at once; in-flight requests end within ``timeout``."""
+        """Stop every thread; scrapes in flight are aborted, not awaited (about 2 s at most)."""
+        deadline = time.monotonic() + 2.0
         self._stop.set()
-        self._dirty.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._thread is not threading.current_thread():
-            self._thread.join(2.0)
+        self._queue.shut_down()
         self._session.close()
+        for thread in (self._thread, *self._workers):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> EngineStatsScraper:
         return self
@@ -201,208 +223,179 @@ class EngineStatsScraper:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    # -- the scheduler thread -------------------------------------------------------------
+    # -- following discovery, publishing ------------------------------------------------------
 
     def _run(self) -> None:
+        """Follow discovery's snapshot (new pods are queued at once) and publish what changed.
+
+        Every interval all Services are aggregated again, since staleness grows with time.
+        """
         publish_every = min(0.1, self.scrape_interval / 4)
         next_tick = time.monotonic()
-        last_publish = -publish_every
         seen: object = None  # the discovery snapshot the pod set was last taken from
         while not self._stop.is_set():
             try:
-                now = time.monotonic()
-                snapshot = self.discovery.get_snapshot()
-                tick = now >= next_tick
-                removed = False
-                if tick or snapshot is not seen:
-                    # Between ticks a discovery change drops gone pods and starts new ones
-                    # at once; a tick also re-scrapes every due pod.
+                discovery = self.discovery
+                snapshot = discovery.get_snapshot() if discovery is not None else None
+                if snapshot is not seen:
                     seen = snapshot
-                    if tick:
-                        next_tick = now + self.scrape_interval
-                    removed = self._schedule(now, snapshot, tick=tick)
-                if tick or removed or (self._dirty.is_set()
-                                       and now - last_publish >= publish_every):
-                    self._dirty.clear()
-                    self._publish()
-                    last_publish = now
-                    if tick:
-                        self._last_cycle = time.monotonic()
-            except Exception:  # the scheduler must survive anything a cycle throws
+                    self._follow(snapshot)
+                now = time.monotonic()
+                tick = now >= next_tick
+                if tick:
+                    next_tick = now + self.scrape_interval
+                self._publish(everything=tick)
+                if tick:
+                    self._last_cycle = time.monotonic()
+            except Exception:  # the publisher must survive anything a cycle throws
                 log.exception("scrape cycle failed; continuing")
-            now = time.monotonic()
-            if self._dirty.is_set():  # results wait for the next publish slot (coalesced)
-                self._stop.wait(max(0.0, min(next_tick, last_publish + publish_every) - now))
-            else:
-                self._dirty.wait(min(publish_every, max(0.0, next_tick - now)))
+            self._stop.wait(publish_every)
 
-    def _targets(self, snapshot: Any) -> dict[str, ScrapeTarget]:
-        targets: dict[str, ScrapeTarget] = {}
-        for view in snapshot.services.values():
+    def _targets(self, snapshot: Any) -> dict[str, set[str]]:
+        """Pod URL -> URLs of the Services it is a ready endpoint of."""
+        targets: dict[str, set[str]] = {}
+        for view in snapshot.services.values() if snapshot is not None else ():
             if view.url is None:
                 continue
             for pod in view.pods:
                 if isinstance(pod, PodEndpoint) and pod.routable:
-                    targets[pod.url] = ScrapeTarget(pod.url, view.url)
+                    targets.setdefault(pod.url, set()).add(view.url)
         return targets
 
-    def _schedule(self, now: float, snapshot: Any, *, tick: bool = True) -> bool:
-        """Sync the pod set with discovery and submit due pods (only new ones off-tick).
-
-        Returns True when a pod left, so the caller publishes without it at once.
-        """
+    def _follow(self, snapshot: Any) -> None:
+        """Take the pod set from discovery: queue new pods, drop departed ones at once."""
         targets = self._targets(snapshot)
+        new: list[str] = []
         with self._lock:
-            gone = list(self._pods.keys() - targets.keys())
+            gone = [url for url in self._pods if url not in targets]
             for url in gone:
-                del self._pods[url]
                 self._readings.pop(url, None)
-            due = []
-            failing_slots = self._failing_slots - sum(
-                1 for s in self._pods.values() if s.in_flight and s.failures)
-            for url, target in targets.items():
-                state = self._pods.get(url)
-                is_new = state is None
-                if state is None:
-                    state = self._pods[url] = _PodState(target)
-                state.target = target
-                if not ((tick or is_new) and not state.in_flight and state.next_due <= now):
-                    continue
-                if state.failures:
-                    if failing_slots <= 0:
-                        continue  # stays due: retried when a failing slot is free
-                    failing_slots -= 1
-                state.in_flight = True
-                due.append(state)
-        due.sort(key=lambda s: s.failures > 0)  # healthy pods first in the queue
-        for state in due:
+                self._leave(url, self._pods.pop(url).services)
+            for url, services in targets.items():
+                pod = self._pods.get(url)
+                if pod is None:
+                    self._pods[url] = _Pod(url, frozenset(services))
+                    self._join(url, services)
+                    new.append(url)
+                elif pod.services != services:
+                    self._leave(url, pod.services - services)
+                    self._join(url, services - pod.services)
+                    pod.services = frozenset(services)
+        for url in new:
+            self._queue.add(url)
+        if gone:
+            self._session.drop_hosts(gone)
+
+    def _join(self, url: str, services: set[str] | frozenset[str]) -> None:
+        for service in services:
+            self._members.setdefault(service, set()).add(url)
+        self._changed.update(services)
+
+    def _leave(self, url: str, services: set[str] | frozenset[str]) -> None:
+        for service in services:
+            members = self._members.get(service)
+            if members is not None:
+                members.discard(url)
+                if not members:
+                    del self._members[service]
+        self._changed.update(services)
+
+    def _publish(self, *, everything: bool) -> None:
+        """Aggregate the Services that changed (all of them when ``everything``); swap in."""
+        now = time.monotonic()
+        with self._lock:
+            for url, _reading in self._readings.expire():
+                pod = self._pods.get(url)
+                if pod is not None:
+                    self._changed.update(pod.services)
+            if not self._changed and not everything:
+                return
+            changed = self._changed | set(self._members) if everything else self._changed
+            self._changed = set()
+            groups = {service: [(url, self._readings.get(url), self._pods[url].last_error)
+                                for url in self._members.get(service, ())]
+                      for service in changed}
+            by_pod = {url: reading.stats for url, reading in self._readings.items()}
+        services = self._service_stats
+        for service, pods in groups.items():
+            readings = {url: reading for url, reading, _error in pods if reading is not None}
+            stats = aggregate_service(
+                list(readings.values()),
+                stale=self.stale_pods({u: r.stats for u, r in readings.items()}, now),
+                failed=sum(error is not None for _url, _reading, error in pods))
+            if stats is None:
+                services.pop(service, None)
+            else:
+                per_pod = {url: r.stats for url, r in readings.items()}
+                services[service] = replace(stats, per_pod=MappingProxyType(per_pod))
+        self._snapshot = _StatsSnapshot(MappingProxyType(dict(services)),
+                                        MappingProxyType(by_pod), now)
+
+    # -- the workers -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (url := self._queue.get()) is not None:
             try:
-                self._pool.submit(self._scrape, state)
-            except RuntimeError:  # pool shut down: closing
-                break
-        self._drop_connections(gone)
-        return bool(gone)
+                self._scrape(url)
+            except Exception:  # a worker must never die
+                log.exception("scraping %s crashed", url)
+            finally:
+                self._queue.done(url)
 
-    def _drop_connections(self, urls: list[str]) -> None:
-        """Close the keep-alive connections to pods that left: otherwise each keeps a socket
-        open until ``keepalive_hosts`` newer pods push it out, and churn leaks descriptors."""
-        if not urls:
+    def _scrape(self, url: str) -> None:
+        with self._lock:
+            pod = self._pods.get(url)
+        if pod is None:  # left the endpoints while queued
+            self._queue.forget(url)
             return
-        hosts = set()
-        for url in urls:
-            with contextlib.suppress(ValueError):
-                parsed = urllib3.util.parse_url(url)
-                hosts.add((parsed.scheme, (parsed.host or "").lower(), parsed.port))
-        for prefix in ("http://", "https://"):
-            manager = getattr(self._session.adapters.get(prefix), "poolmanager", None)
-            pools = getattr(manager, "pools", None)
-            if pools is None:
-                continue
-            keys = pools.keys()  # a locked copy: the container refuses plain iteration
-            for key in keys:
-                pool_host = (getattr(key, "key_scheme", None), getattr(key, "key_host", None),
-                             getattr(key, "key_port", None))
-                if pool_host in hosts:
-                    with contextlib.suppress(KeyError):
-                        del pools[key]  # disposing a pool closes its idle connections
-
-    # -- a worker ----------------------------------------------------------------------------
-
-    def _scrape(self, state: _PodState) -> None:
-        url = state.target.pod_url
+        failing = pod.last_error is not None
+        if failing and not self._failing_slots.acquire(blocking=False):
+            # a quarter of the workers already wait on failing pods: try again shortly
+            self._queue.add_after(url, min(0.25, self.scrape_interval / 4))
+            return
         started = time.monotonic()
         sample: PodSample | None = None
         error = cause = None
         try:
             sample = self._fetch_sample(url)
-        except (HttpFetchError, _Transient) as exc:
-            error, cause = str(exc), exc.cause
+        except EngineCallError as exc:
+            error, cause = exc.reason, exc.cause
         except MetricsParseError as exc:
             error, cause = str(exc), "parse"
-        except Exception as exc:  # a worker must never die with the pod marked in flight
-            log.exception("scraping %s crashed", url)
-            error, cause = f"crashed: {exc.__class__.__name__}", "other"
+        finally:
+            if failing:
+                self._failing_slots.release()
         now = time.monotonic()
         self._telemetry.observe(now - started, cause)
         with self._lock:
-            state.in_flight = False
-            if self._stop.is_set() or self._pods.get(url) is not state:
-                return  # the pod left the endpoints meanwhile
+            if self._stop.is_set() or self._pods.get(url) is not pod:
+                return  # the pod left the endpoints meanwhile: its late answer is dropped
             if sample is not None:
-                reading = pod_stats(sample, state.previous, now)
-                state.previous = sample
-                self._readings[url] = reading
-                if state.failures:
+                self._readings[url] = pod_stats(sample, pod.previous, now)
+                pod.previous = sample
+                if pod.last_error is not None:
                     log.info("scraping %s works again", url)
-                state.failures, state.last_error = 0, None
-                state.next_due = 0.0  # due again at the next tick
-            else:
-                state.failures += 1
-                if error != state.last_error:
-                    log.warning("scraping %s failed (%s); backing off", url, error)
-                state.last_error = error
-                backoff = min(8 * self.scrape_interval,
-                              self.scrape_interval * 2 ** (state.failures - 1))
-                state.next_due = now + backoff * (0.5 + random.random() / 2)
-        self._dirty.set()
+            elif error != pod.last_error:
+                log.warning("scraping %s failed (%s); backing off", url, error)
+            pod.last_error = error
+            self._changed.update(pod.services)
+        if sample is not None:
+            self._queue.forget(url)
+            self._queue.add_after(url, started + self.scrape_interval - now)
+        else:
+            self._queue.add_rate_limited(url)
 
     def _fetch_sample(self, url: str) -> PodSample:
         def attempt() -> PodSample:
-            try:
-                status, body = fetch(self._session, f"{url}/metrics", timeout=self.timeout,
-                                     max_bytes=self.max_bytes)
-            except HttpFetchError as exc:
-                if exc.transient:
-                    raise _Transient(exc.reason, exc.cause) from None
-                raise
-            if status >= 500:
-                raise _Transient(f"HTTP {status}", "http")
-            if status != 200:
-                raise HttpFetchError(f"HTTP {status}", transient=False, cause="http")
+            status, body = fetch(self._session, f"{url}/metrics", timeout=self.timeout,
+                                 max_bytes=self.max_bytes)
+            expect_ok(status, "/metrics")
             return parse_metrics_body(body)
 
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Transient),
-            stop=(tenacity.stop_after_attempt(self.attempts)
-                  | tenacity.stop_after_delay(self.timeout)),
-            wait=tenacity.wait_fixed(0.05),
-            sleep=self._pause,
-            reraise=True,
-        )
-        return retrying(attempt)
+        return self._retrying(attempt)
 
     def _pause(self, seconds: float) -> None:
         self._stop.wait(seconds)
-
-    # -- publishing ------------------------------------------------------------------------
-
-    def _publish(self) -> None:
-        """Aggregate the cached readings per Service and swap the snapshot in."""
-        now = time.monotonic()
-        by_service: dict[str, dict[str, PodReading]] = {}
-        counts: dict[str, tuple[int, int]] = {}  # service -> (stale, failed)
-        by_pod: dict[str, EngineStats] = {}
-        with self._lock:
-            self._readings.expire()
-            for url, state in self._pods.items():
-                service = state.target.service_url
-                stale, failed = counts.get(service, (0, 0))
-                reading = self._readings.get(url)
-                failed += state.failures > 0
-                if reading is not None:
-                    by_service.setdefault(service, {})[url] = reading
-                    by_pod[url] = reading.stats
-                    stale += now - reading.stats.sample_time > self.stale_age
-                counts[service] = (stale, failed)
-        services: dict[str, EngineStats] = {}
-        for service, readings in by_service.items():
-            stale, failed = counts.get(service, (0, 0))
-            stats = aggregate_service(list(readings.values()), stale=stale, failed=failed)
-            if stats is not None:
-                per_pod = {url: r.stats for url, r in readings.items()}
-                services[service] = replace(stats, per_pod=MappingProxyType(per_pod))
-        self._snapshot = _StatsSnapshot(MappingProxyType(services), MappingProxyType(by_pod),
-                                        now)
 
 
 def parse_metrics_body(body: bytes) -> PodSample:

@@ -7,14 +7,13 @@ scrapes, so nothing is instrumented on the hot paths and nothing can drift out o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -26,24 +25,34 @@ if TYPE_CHECKING:
 PREFIX = "vllm_svcdisc"
 
 
-class DiscoveryCollector(Collector):
-    """Exposes ``vllm_svcdisc_*`` metrics for one discovery (and optionally its scraper)."""
+Sources = Callable[[], "tuple[K8sServiceDiscovery | None, EngineStatsScraper | None]"]
 
-    def __init__(self, discovery: K8sServiceDiscovery,
-                 scraper: EngineStatsScraper | None = None) -> None:
-        self._discovery = discovery
-        self._scraper = scraper
+
+class DiscoveryCollector(Collector):
+    """Exposes ``vllm_svcdisc_*`` metrics for one discovery (and optionally its scraper).
+
+    ``sources`` (instead of the two objects) is called at each scrape and returns the current
+    discovery and scraper (either may be None): registered once, the collector stays right
+    when its host replaces them.
+    """
+
+    def __init__(self, discovery: K8sServiceDiscovery | None = None,
+                 scraper: EngineStatsScraper | None = None, *,
+                 sources: Sources | None = None) -> None:
+        self._sources: Sources = sources or (lambda: (discovery, scraper))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily; describing would require a full collect
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._informer_metrics()
-        yield from self._cache_metrics()
-        if self._scraper is not None:
-            yield from self._scrape_metrics(self._scraper)
+        discovery, scraper = self._sources()
+        if discovery is not None:
+            yield from self._informer_metrics(discovery)
+            yield from self._cache_metrics(discovery)
+        if scraper is not None:
+            yield from self._scrape_metrics(scraper)
 
-    def _informer_metrics(self) -> Iterator[Metric]:
+    def _informer_metrics(self, discovery: K8sServiceDiscovery) -> Iterator[Metric]:
         now = time.monotonic()
         synced = GaugeMetricFamily(f"{PREFIX}_informer_synced",
                                    "1 once the informer applied its first LIST.",
@@ -61,6 +70,13 @@ class DiscoveryCollector(Collector):
         watches = CounterMetricFamily(f"{PREFIX}_informer_watches",
                                       "WATCH requests opened (restarts included).",
                                       labels=["resource"])
+        requests = CounterMetricFamily(f"{PREFIX}_informer_api_requests",
+                                       "LIST and WATCH requests sent (pages and retries included).",
+                                       labels=["resource"])
+        failed_watches = CounterMetricFamily(
+            f"{PREFIX}_informer_failed_watches",
+            "Watches that failed after a 200: ended at once with nothing (short) or carried "
+            "nothing for the liveness window (silent).", labels=["resource", "kind"])
         malformed = CounterMetricFamily(f"{PREFIX}_informer_malformed_events",
                                         "Events or objects skipped as malformed.",
                                         labels=["resource"])
@@ -70,7 +86,7 @@ class DiscoveryCollector(Collector):
         since_bookmark = GaugeMetricFamily(f"{PREFIX}_informer_seconds_since_last_bookmark",
                                            "Seconds since the last BOOKMARK event.",
                                            labels=["resource"])
-        for status in self._discovery.informer_status():
+        for status in discovery.informer_status():
             resource = status.resource
             synced.add_metric([resource], float(status.synced))
             auth.add_metric([resource], float(status.auth_error is not None))
@@ -80,47 +96,42 @@ class DiscoveryCollector(Collector):
             for cause, count in sorted(status.relists_by_cause.items()):
                 relists.add_metric([resource, cause], count)
             watches.add_metric([resource], status.watches)
+            requests.add_metric([resource], status.requests)
+            failed_watches.add_metric([resource, "short"], status.short_watches)
+            failed_watches.add_metric([resource, "silent"], status.silent_watches)
             malformed.add_metric([resource], status.malformed_events)
             if status.last_event_time is not None:
                 since_event.add_metric([resource], now - status.last_event_time)
             if status.last_bookmark_time is not None:
                 since_bookmark.add_metric([resource], now - status.last_bookmark_time)
-        yield from (synced, auth, events, lists, relists, watches, malformed, since_event,
-                    since_bookmark)
+        yield from (synced, auth, events, lists, relists, watches, requests, failed_watches,
+                    malformed, since_event, since_bookmark)
 
-    def _cache_metrics(self) -> Iterator[Metric]:
-        snapshot = self._discovery.get_snapshot()
+    def _cache_metrics(self, discovery: K8sServiceDiscovery) -> Iterator[Metric]:
+        snapshot = discovery.get_snapshot()
         views = snapshot.services.values()
         yield _gauge("services", "Services matching the selector.", len(snapshot.services))
         yield _gauge("routable_services", "Services with ready pods and known models.",
                      len(snapshot.endpoint_infos))
         yield _gauge("ready_pods", "Ready, non-terminating endpoints behind selected Services.",
                      sum(len(v.ready_pods) for v in views))
-        probes, failures = self._discovery.probe_counts()
+        probes, failures = discovery.probe_counts()
         yield CounterMetricFamily(f"{PREFIX}_model_probes", "Model probes (/v1/models) done.",
                                   value=probes)
         yield CounterMetricFamily(f"{PREFIX}_model_probe_failures", "Model probes that failed.",
                                   value=failures)
         health = GaugeMetricFamily(f"{PREFIX}_healthy", "1 when get_health() is true.")
-        health.add_metric([], float(self._discovery.get_health()))
+        health.add_metric([], float(discovery.get_health()))
         yield health
 
     def _scrape_metrics(self, scraper: EngineStatsScraper) -> Iterator[Metric]:
-        telemetry: Any = scraper.telemetry()
-        histogram = HistogramMetricFamily(f"{PREFIX}_scrape_duration_seconds",
-                                          "Duration of one pod's /metrics scrape.")
-        histogram.add_metric([], telemetry.buckets(), telemetry.duration_sum)
-        yield histogram
-        failures = CounterMetricFamily(f"{PREFIX}_scrape_failures",
-                                       "Pod scrapes that failed, by cause.", labels=["cause"])
-        for cause, count in sorted(telemetry.failures_by_cause.items()):
-            failures.add_metric([cause], count)
-        yield failures
+        telemetry = scraper.telemetry()
+        yield from telemetry.durations.collect()
+        yield from telemetry.failures.collect()
         stats = scraper.get_pod_engine_stats()
-        stale_age = scraper.stale_age
         yield _gauge("scraped_pods", "Pods with current stats.", len(stats))
         yield _gauge("stale_pods", "Pods whose stats are kept from an earlier scrape.",
-                     sum(s.oldest_sample_age > stale_age for s in stats.values()))
+                     scraper.stale_pods(stats))
         yield _gauge("oldest_sample_age_seconds", "Age of the oldest pod stats in use.",
                      max((s.oldest_sample_age for s in stats.values()), default=0.0))
 

@@ -17,6 +17,7 @@ tested against plain text.  The rules, and why:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -113,26 +114,38 @@ def _shorten(text: str) -> str:
 _FAMILIES = frozenset(name.removesuffix("_total") for name in _WANTED)
 
 
+def _line_family(line: str) -> str:
+    """The family a line belongs to as the pre-filter sees it ("" for HELP and blank lines)."""
+    if line.startswith("#"):  # HELP lines are dropped: the parser does not need them
+        parts = line.split(None, 3)
+        return parts[2] if len(parts) > 2 and parts[1] == "TYPE" else ""
+    words = line.split("{", 1)[0].split(None, 1)
+    return words[0] if words else ""  # blank, or a line opening with "{" (JSON): no family
+
+
 def _relevant_lines(text: str) -> str:
     """Only the lines of the families we read, so the parser skips the histograms.
 
     A vLLM page is mostly histogram buckets; parsing them would cost ten times the useful work,
     which matters when one process scrapes a thousand pods a second.
     """
-    kept = []
-    for line in text.splitlines():
-        if line.startswith("#"):  # HELP lines are dropped: the parser does not need them
-            parts = line.split(None, 3)
-            name = parts[2] if len(parts) > 2 and parts[1] == "TYPE" else ""
-        else:
-            name = line.split("{", 1)[0].split(None, 1)[0] if line.strip() else ""
-        if name.removesuffix("_total") in _FAMILIES:  # not *_created: never read
-            kept.append(line)
+    kept = [line for line in text.splitlines()
+            if _line_family(line).removesuffix("_total") in _FAMILIES]  # never *_created
     return "\n".join(kept) + "\n"
 
 
 def _collect(text: str) -> tuple[dict[str, dict[_LabelKey, float]], frozenset[str]]:
     """Series of the metrics we read, keyed by sample name then label set; model names seen.
+
+    The fast path reads the canonical exposition that vLLM (prometheus_client) writes; a page it
+    is not sure about goes to prometheus_client's parser, whose result is the reference.
+    """
+    collected = _collect_fast(text)
+    return collected if collected is not None else _collect_reference(text)
+
+
+def _collect_reference(text: str) -> tuple[dict[str, dict[_LabelKey, float]], frozenset[str]]:
+    """:func:`_collect` through prometheus_client's parser (after the line pre-filter).
 
     Non-finite values are skipped here, before de-duplication, so a NaN line neither counts nor
     hides an earlier good line with the same labels.
@@ -155,6 +168,101 @@ def _collect(text: str) -> tuple[dict[str, dict[_LabelKey, float]], frozenset[st
     except Exception as exc:  # the parser raises assorted errors on non-exposition text
         detail = _shorten(str(exc)) or type(exc).__name__
         raise MetricsParseError(f"not Prometheus text exposition: {detail}") from exc
+    return series, frozenset(models)
+
+
+# The canonical sample line: ``name{label="value",...} value [timestamp]``, single spaces.
+_SAMPLE_LINE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? (\S+)(?: (\S+))?")
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
+_ESCAPE = re.compile(r"\\(.)")
+_UNESCAPED = {"\\": "\\", "n": "\n", '"': '"'}
+_FAMILY_PREFIXES = tuple(sorted(_FAMILIES))
+# Gauges declared as counters would have their samples renamed by the reference parser.
+_GAUGES = frozenset(name for name in _WANTED if not name.endswith("_total"))
+
+
+class _NotCanonical(Exception):
+    """The fast path is unsure about a line: the reference parser decides the whole page."""
+
+
+def _unescape(match: re.Match[str]) -> str:
+    char = match.group(1)
+    return _UNESCAPED.get(char, "\\" + char)
+
+
+def _labels(block: str) -> dict[str, str]:
+    """``a="x",b="y"`` (an optional trailing comma) as a dict; anything else is not canonical."""
+    labels: dict[str, str] = {}
+    position = 0
+    while position < len(block):
+        match = _LABEL_PAIR.match(block, position)
+        if match is None:
+            raise _NotCanonical
+        name, value = match.group(1), match.group(2)
+        if name in labels or name.startswith("__"):
+            raise _NotCanonical  # the reference rejects duplicate and reserved names
+        labels[name] = _ESCAPE.sub(_unescape, value) if "\\" in value else value
+        position = match.end()
+    return labels
+
+
+def _number(token: str) -> float:
+    if "_" in token:
+        raise _NotCanonical
+    try:
+        return float(token)
+    except ValueError:
+        raise _NotCanonical from None
+
+
+def _collect_fast(text: str) -> tuple[dict[str, dict[_LabelKey, float]], frozenset[str]] | None:
+    """:func:`_collect_reference`'s result for canonical pages, None when unsure.
+
+    Only lines of the families we read are looked at, as the pre-filter does; the rest of the
+    page (histograms, other exporters' lines) is skipped unread.
+    """
+    series: dict[str, dict[_LabelKey, float]] = {}
+    models: set[str] = set()
+    try:
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line[0] == "#":
+                if line.startswith("# HELP "):
+                    continue
+                family = _line_family(line)  # "" unless a TYPE line
+                if family.removesuffix("_total") in _FAMILIES and (
+                    " ".join(parts := line.split(None, 3)) != line or '"' in line
+                    or len(parts) != 4 or (family in _GAUGES and parts[3] == "counter")
+                ):
+                    raise _NotCanonical  # the reference may reject it or rename samples
+                continue
+            if not line.startswith(_FAMILY_PREFIXES):
+                # A line of ours starts with its family name, unless indented (then unsure).
+                if line[0].isspace() and _line_family(line).removesuffix("_total") in _FAMILIES:
+                    raise _NotCanonical
+                continue
+            match = _SAMPLE_LINE.fullmatch(line)
+            if match is None:
+                if _line_family(line).removesuffix("_total") in _FAMILIES:
+                    raise _NotCanonical
+                continue
+            name = match.group(1)
+            if name not in _WANTED:
+                if name.removesuffix("_total") in _FAMILIES:
+                    raise _NotCanonical  # e.g. a counter without _total: renamed by the reference
+                continue
+            labels = _labels(match.group(2) or "")
+            value = _number(match.group(3))
+            if match.group(4) is not None:
+                _number(match.group(4))  # a timestamp: validated, not used
+            model = labels.get("model_name")
+            if model:
+                models.add(model)
+            if math.isfinite(value):
+                series.setdefault(name, {})[frozenset(labels.items())] = value
+    except _NotCanonical:
+        return None
     return series, frozenset(models)
 
 

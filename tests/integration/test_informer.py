@@ -392,3 +392,137 @@ def test_stopping_while_backing_off_is_quiet(cluster, start_informer, caplog):
     assert informer.stop(2.0)
     assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
     cluster.api.clear_faults()
+
+
+# --- how real API servers and proxies fail watches ------------------------------------------------
+
+
+def failing_for(informer: Informer, words: str) -> Callable[[], bool]:
+    """The informer's error clock is running and its reason says ``words``."""
+    def check() -> bool:
+        status = informer.status()
+        return status.error_since is not None and words in (status.last_error or "")
+    return check
+
+
+def test_watches_that_end_at_once_count_as_failures_and_the_cache_catches_up_after(
+        cluster, start_informer):
+    informer, recorder = start_informer()
+    cluster.api.fail_for(60, how="empty", resource="services")
+    cluster.api.cut_watches()
+    wait_for(lambda: informer.status().short_watches >= 3, 10, lambda: str(informer.status()))
+    # Every attempt got a 200 and headers; the error clock still runs.
+    wait_for(failing_for(informer, "ended at once with no event"), 5,
+             lambda: str(informer.status()))
+    cluster.api.put("services", service("made-during"))
+    cluster.api.clear_faults()
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    wait_for(lambda: informer.status().error_since is None, 5, lambda: str(informer.status()))
+    assert counts(cluster, "list") == 1  # re-watched from the last RV, no re-LIST
+
+
+@pytest.mark.parametrize("code", [500, 429, 503])
+def test_in_stream_error_events_keep_the_error_clock_running(
+        cluster, make_discovery, code):
+    discovery = make_discovery(cluster, unhealthy_after=0.5)
+    assert discovery.wait_until_synced(5)
+    wait_for(discovery.get_health, 5, lambda: str(discovery.health()))
+    cluster.api.fail_for(60, code, how="error-event")
+    cluster.api.cut_watches()
+    wait_for(lambda: "failed in-stream" in " ".join(discovery.health().reasons), 10,
+             lambda: str(discovery.health()))
+    health = discovery.health()
+    assert not health.healthy and str(code) in " ".join(health.reasons), health
+    services, endpoints = discovery.informer_status()
+    assert services.short_watches >= 1 and endpoints.short_watches >= 1
+    cluster.add_service("vllm-late", replicas=1)
+    cluster.api.clear_faults()
+    wait_for(discovery.get_health, 10, lambda: str(discovery.health()))
+    wait_for(lambda: cluster.url_of("vllm-late") in {e.url for e in
+                                                     discovery.get_endpoint_info()},
+             10, "the Service made during the outage never arrived")
+
+
+def test_a_silenced_watch_is_abandoned_after_the_liveness_window_without_relist(
+        cluster, start_informer):
+    config = dataclasses.replace(FAST_INFORMER, watch_liveness_timeout=1.0)
+    informer, recorder = start_informer(config=config)
+    cluster.api.silence_watches("services")  # bookmarks stop too: nothing at all arrives
+    cluster.api.put("services", service("behind-the-silence"))
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    status = informer.status()
+    assert status.silent_watches >= 1, status
+    assert status.lists == 1 and counts(cluster, "list") == 1  # re-opened from the last RV
+
+
+def test_a_watch_silent_from_its_first_byte_is_abandoned_too(cluster, start_informer):
+    config = dataclasses.replace(FAST_INFORMER, watch_liveness_timeout=1.0)
+    informer, recorder = start_informer(config=config)
+    cluster.api.fail_next(2, how="silent", resource="services")
+    cluster.api.cut_watches()
+    cluster.api.put("services", service("after-two-silent-watches"))
+    wait_for(converged(recorder, cluster), 15, mismatch(recorder, cluster))
+    wait_for(lambda: informer.status().silent_watches >= 2, 5, lambda: str(informer.status()))
+    assert informer.status().lists == 1
+
+
+def test_a_long_silence_turns_health_false_once_noticed(cluster, make_discovery):
+    config = dataclasses.replace(FAST_INFORMER, watch_liveness_timeout=1.5)
+    discovery = make_discovery(cluster, informer_config=config, unhealthy_after=0.5)
+    assert discovery.wait_until_synced(5)
+    wait_for(discovery.get_health, 5, lambda: str(discovery.health()))
+    cluster.api.fail_for(60, how="silent")
+    cluster.api.silence_watches()
+    wait_for(lambda: not discovery.get_health(), 10, lambda: str(discovery.health()))
+    assert "carried nothing" in " ".join(discovery.health().reasons)
+    cluster.api.clear_faults()
+    wait_for(discovery.get_health, 10, lambda: str(discovery.health()))
+
+
+def test_resource_version_too_large_relists_from_scratch(cluster, start_informer):
+    slow_backoff = dataclasses.replace(FAST_INFORMER, backoff_initial=60, backoff_cap=60)
+    informer, recorder = start_informer(config=slow_backoff)
+    cluster.api.fail_next(1, 504, verb="watch", resource="services",
+                          cause="ResourceVersionTooLarge")
+    cluster.api.cut_watches()
+    cluster.api.put("services", service("after-504"))
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    status = informer.status()
+    assert status.relists_by_cause.get("rv_too_large") == 1, status
+    assert status.lists == 2 and status.last_error is None
+
+
+def test_a_generic_504_backs_off_like_any_server_error(cluster, start_informer):
+    informer, recorder = start_informer()
+    cluster.api.fail_next(1, 504, verb="watch", resource="services")
+    cluster.api.cut_watches()
+    cluster.api.put("services", service("after-timeout"))
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    status = informer.status()
+    assert "rv_too_large" not in status.relists_by_cause
+    assert status.relists_by_cause.get("error") == 1 and status.lists == 1
+
+
+def test_paged_relist_restarts_on_an_expired_continue_token_and_replaces_once(
+        cluster, start_informer):
+    for i in range(5):
+        cluster.api.put("services", service(f"s{i}"))
+    config = dataclasses.replace(FAST_INFORMER, list_page_size=2)
+    informer, recorder = start_informer(config=config)
+    assert counts(cluster, "list") == 1  # at "0" the watch cache ignores limit: one page
+    cluster.api.delete("services", "default", "s4")
+    cluster.api.compact()
+    # The re-watch is expired; the re-LIST at the last RV is refused too, so the informer
+    # lists from "" in pages of 2; the token of its second page has expired: start over.
+    cluster.api.fail_next(1, 410, verb="list", resource="services")
+    cluster.api.expire_continue_tokens(next_requests=1)
+    cluster.api.cut_watches()
+    wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    wait_for(lambda: informer.status().lists == 2, 5, lambda: str(informer.status()))
+    # initial + refused + page 1 + expired page 2 + pages 1-2 of the restart
+    assert counts(cluster, "list") == 6, cluster.api.request_counts()
+    # Replace ran once, on the whole result: no object of a later page was dropped and re-added.
+    for i in range(4):
+        assert recorder.types_for(f"default/s{i}") == [ADDED], recorder.types_for(f"default/s{i}")
+    assert recorder.types_for("default/s4") == [ADDED, DELETED]
+

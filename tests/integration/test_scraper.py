@@ -507,3 +507,38 @@ def test_concurrent_readers_never_raise(cluster: SimCluster, make_discovery: Any
             t.join(5)
     assert not errors, errors
     assert reads[0] > 100
+
+
+def test_a_discovery_provider_is_followed_when_the_host_swaps_its_discovery(
+        cluster: SimCluster, make_discovery: Callable[..., K8sServiceDiscovery],
+        make_scraper: MakeScraper) -> None:
+    cluster.add_service("alpha", replicas=2)
+    cluster.add_service("beta", replicas=1, labels={"team": "b"})
+    first = _discovery(make_discovery, cluster, routing="pod")
+    second = _discovery(make_discovery, cluster, routing="pod", label_selector="team=b")
+    current: list[K8sServiceDiscovery | None] = [first]
+    scraper = make_scraper(None, discovery_provider=lambda: current[0])
+    wait_for(lambda: set(scraper.get_engine_stats()) == _urls(cluster.pods("alpha")),
+             message=lambda: f"first: {set(scraper.get_engine_stats())}")
+    current[0] = second  # what production-stack's reconfigure does to its singleton
+    first.close()
+    wait_for(lambda: set(scraper.get_engine_stats()) == _urls(cluster.pods("beta")),
+             message=lambda: f"second: {set(scraper.get_engine_stats())}")
+    current[0] = None  # no discovery of ours (e.g. reconfigured to static): nothing scraped
+    wait_for(lambda: not scraper.get_pod_engine_stats(), message="stats kept without discovery")
+    with pytest.raises(ValueError, match="either"):
+        EngineStatsScraper(first, discovery_provider=lambda: first)
+
+
+def test_a_new_pod_is_scraped_at_once_not_at_the_next_interval(
+        cluster: SimCluster, make_discovery: Any, make_scraper: MakeScraper) -> None:
+    cluster.add_service("vllm-new", replicas=1)
+    # the interval is far longer than the test waits: only an immediate scrape can pass
+    scraper = make_scraper(_discovery(make_discovery, cluster), scrape_interval=120.0,
+                           stale_after=600.0)
+    _wait_pods(scraper, _urls(cluster.pods("vllm-new")))
+    added = cluster.add_pod("vllm-new")
+    _wait_pods(scraper, _urls(cluster.pods("vllm-new")), timeout=10.0)
+    assert added.engine.request_counts().get("/metrics") == 1
+    url = cluster.url_of("vllm-new")
+    assert _wait_service(scraper, url, lambda s: s.pods_scraped == 2).pods_failed == 0

@@ -46,6 +46,10 @@ def test_self_metrics_report_informers_cache_and_scrapes(cluster, make_discovery
             assert samples[("vllm_svcdisc_informer_synced", (("resource", resource),))] == 1
             assert samples[("vllm_svcdisc_informer_lists_total", (("resource", resource),))] == 1
             assert samples[("vllm_svcdisc_informer_auth_error", (("resource", resource),))] == 0
+            assert samples[("vllm_svcdisc_informer_api_requests_total",
+                            (("resource", resource),))] >= 2  # the LIST and a WATCH
+            assert samples[("vllm_svcdisc_informer_failed_watches_total",
+                            (("kind", "short"), ("resource", resource)))] == 0
         assert samples[("vllm_svcdisc_services", ())] == 2
         assert samples[("vllm_svcdisc_routable_services", ())] == 1
         assert samples[("vllm_svcdisc_ready_pods", ())] == 3
@@ -129,6 +133,25 @@ def test_load_api_client_reads_a_kubeconfig_and_turns_urllib3_retries_off(cluste
     assert client.configuration.host == cluster.api.url
     assert client.configuration.retries == 0
     assert CoreV1Api(client).list_namespaced_service("default").items == []
+
+
+def test_load_api_client_turns_tcp_keepalive_on(cluster, tmp_path) -> None:
+    import socket
+
+    from kubernetes.client import CoreV1Api
+
+    from vllm_router_svcdisc.discovery import load_api_client
+
+    client = load_api_client(kubeconfig=str(_kubeconfig(tmp_path, cluster.api.url)))
+    CoreV1Api(client).list_namespaced_service("default")
+    pool = client.rest_client.pool_manager.connection_from_url(cluster.api.url)
+    connection = pool._get_conn()  # the LIST's connection, back in the pool
+    try:
+        assert connection.sock is not None
+        assert connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        pool._put_conn(connection)
+        client.close()
 
 
 def test_cli_watch_once_prints_the_snapshot_as_json(cluster, tmp_path) -> None:

@@ -143,7 +143,7 @@ def test_all_pods_terminating_is_not_routable_though_kube_proxy_still_serves(
     discovery = make_discovery(cluster)
     wait_routable(discovery, "drain", 2)
     for pod in cluster.pods("drain"):
-        cluster.terminate_pod(pod)
+        cluster.terminate_pod(pod, pre_stop=30.0)  # still serving during its preStop sleep
     wait_for(lambda: not view(discovery, "drain").routable, 10, lambda: state(discovery))
     assert "no ready endpoints" in view(discovery, "drain").reason
     with requests.Session() as session:

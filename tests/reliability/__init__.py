@@ -217,7 +217,7 @@ class Harness:
         threads += list(d._prober._pool._threads)
         if self.scraper is not None:
             threads.append(self.scraper._thread)
-            threads += list(self.scraper._pool._threads)
+            threads += self.scraper._workers
         return threads
 
     def assert_alive(self) -> None:

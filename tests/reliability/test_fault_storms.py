@@ -324,3 +324,30 @@ def test_service_relabelled_out_of_the_selector_while_disconnected_and_back(harn
     cluster.set_service_labels("vllm-b", {"app": "vllm"})
     harness.wait_exact()
     harness.finish()
+
+
+def test_cuts_restarts_with_compaction_500s_429s_and_junk_all_at_once(harness, cluster):
+    """The storm of every API failure at once; it ends exact, with health true."""
+    churn = Churn(cluster)
+    deadline = time.monotonic() + STORM_SECONDS
+    for step in range(100):
+        if time.monotonic() >= deadline:
+            break
+        churn.step()
+        if step % 10 == 3:
+            cluster.api.restart()
+            cluster.api.compact()
+        if step % 10 == 5:
+            cluster.api.fail_for(0.5, 500)
+        if step % 10 == 7:
+            cluster.api.fail_for(0.5, 429, retry_after=1)
+        if step == 12:
+            cluster.api.inject_raw_line(b'{"type": "MODIFIED", "object": {broken')
+        if step % 10 == 9:
+            cluster.api.fail_next(1, how="empty")
+            cluster.api.fail_next(1, 500, how="error-event")
+        cluster.api.cut_watches()
+        pace(0.3)
+    harness.wait_exact()
+    wait_for(harness.discovery.get_health, 10, lambda: str(harness.discovery.health()))
+    harness.finish()

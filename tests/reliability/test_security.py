@@ -21,7 +21,8 @@ from tests.reliability import (
     replace_engine,
 )
 from vllm_router_svcdisc.cli import service_rows
-from vllm_router_svcdisc.probe import MAX_MODELS_BYTES, ProbeError, fetch_models
+from vllm_router_svcdisc.http import EngineCallError
+from vllm_router_svcdisc.probe import MAX_MODELS_BYTES, fetch_models
 from vllm_router_svcdisc.sim.apiserver import FakeApiServer
 from vllm_router_svcdisc.sim.cluster import SimCluster
 from vllm_router_svcdisc.sim.engine import EngineMode
@@ -112,7 +113,7 @@ def test_api_key_and_authorization_never_in_logs_exceptions_or_reprs(
     # Exceptions as a caller of the probe function sees them: 401, timeout, garbage.
     session_urls = [cluster.url_of(n) for n in ("vllm-wrongkey", "vllm-hole", "vllm-garbage")]
     for url in session_urls:
-        with pytest.raises(ProbeError) as error:
+        with pytest.raises(EngineCallError) as error:
             fetch_models(discovery._prober._session, url, API_KEY, FAST_PROBE)
         texts += [str(error.value), repr(error.value), repr(error.value.args),
                   repr(error.value.__cause__), repr(error.value.__context__)]

@@ -678,3 +678,188 @@ def test_keep_alive_then_chunked_watch_on_one_connection(server: FakeApiServer) 
         assert [(e["type"], e["object"]["kind"]) for e in events] == [("ADDED", "Pod")]
     finally:
         conn.close()
+
+
+# --- how real watches and paged LISTs fail -------------------------------------------------------
+
+
+def raw_watch(core: client.CoreV1Api, read_timeout: float = 5, **kwargs: Any) -> Any:
+    """A watch through the generated client function, body left unread (as the informer does)."""
+    return core.list_namespaced_service("default", watch=True, _preload_content=False,
+                                        _request_timeout=(2, read_timeout), **kwargs)
+
+
+def test_default_bookmark_cadence_is_a_real_servers_and_configurable() -> None:
+    assert FakeApiServer().bookmark_interval == 60.0
+    assert FakeApiServer(bookmark_interval=0.1).bookmark_interval == 0.1
+
+
+def test_watch_that_ends_cleanly_at_once_with_no_event(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    server.put("services", svc("a"))
+    server.fail_next(2, how="empty")
+    for _ in range(2):
+        resp = raw_watch(core, resource_version=str(server.resource_version))
+        assert resp.status == 200
+        assert resp.read() == b""  # a complete chunked body, empty
+    assert server.request_counts()[("watch", "services")] == 2
+    # The fault is used up: the next watch works and replays from the RV asked for.
+    events = take(core.list_namespaced_service, "default", resource_version="0", until=has(1))
+    assert summary(events) == [("ADDED", "a")]
+
+
+@pytest.mark.parametrize("code", [500, 429, 410, 503])
+def test_in_stream_error_event_with_any_status_code(
+    server: FakeApiServer, core: client.CoreV1Api, code: int
+) -> None:
+    server.fail_next(1, code, how="error-event")
+    resp = raw_watch(core)
+    assert resp.status == 200
+    lines = [json.loads(line) for line in resp.read().splitlines()]
+    assert len(lines) == 1 and lines[0]["type"] == "ERROR"
+    status = lines[0]["object"]
+    assert status["kind"] == "Status" and status["code"] == code and status["status"] == "Failure"
+
+
+def test_silent_watch_sends_headers_then_nothing_until_the_read_timeout(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    server.fail_next(1, how="silent")
+    resp = raw_watch(core, read_timeout=0.5, timeout_seconds=1)  # the server timeout is ignored
+    assert resp.status == 200
+    started = time.monotonic()
+    with pytest.raises((urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError)):
+        for _ in resp.stream(None):
+            pytest.fail("a silent stream carried bytes")
+    assert time.monotonic() - started < 4  # the per-read timeout ended it, nothing else
+    resp.release_conn()
+
+
+def test_silent_watch_ends_when_the_server_stops() -> None:
+    srv = FakeApiServer().start()
+    api = client.CoreV1Api(srv.api_client())
+    srv.fail_next(1, how="silent")
+    consumer = Consumer(api.list_namespaced_service, "default", timeout_seconds=30,
+                        _request_timeout=(2, 30))
+    consumer.start()
+    deadline = time.monotonic() + 5
+    while srv.request_counts().get(("watch", "services"), 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    srv.stop()
+    consumer.join(5)
+    assert not consumer.is_alive() and consumer.events == []
+    assert consumer.error is not None  # the held connection was dropped, not left hanging
+
+
+def test_open_watch_silenced_midway_carries_no_more_events_or_bookmarks(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    server.put("services", svc("a"))
+    resp = raw_watch(core, read_timeout=1.0, resource_version="0", allow_watch_bookmarks=True)
+    lines: list[dict[str, Any]] = []
+    with pytest.raises((urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError)):
+        pending = b""
+        for chunk in resp.stream(None):
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                lines.append(json.loads(line))
+                if len(lines) == 2:  # the ADDED and a first bookmark: now black-hole it
+                    server.silence_watches()
+                    server.put("services", svc("b"))
+    assert [e["type"] for e in lines] == ["ADDED", "BOOKMARK"]
+    assert server.open_watch_count() == 0  # a silenced stream no longer counts as open
+    resp.release_conn()
+
+
+def test_resource_version_too_large_is_a_504_with_its_cause(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    server.fail_next(1, 504, verb="watch", cause="ResourceVersionTooLarge")
+    with pytest.raises(ApiException) as refused:
+        take(core.list_namespaced_service, "default", resource_version="99", until=has(1))
+    assert refused.value.status == 504
+    body = json.loads(refused.value.body)
+    assert body["reason"] == "Timeout" and body["message"].startswith("Too large resource version")
+    assert body["details"]["causes"] == [
+        {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]
+
+
+def test_list_pages_with_limit_and_continue(server: FakeApiServer, core: client.CoreV1Api) -> None:
+    for name in "abcde":
+        server.put("services", svc(name))
+    first = core.list_namespaced_service("default", limit=2)
+    assert [s.metadata.name for s in first.items] == ["a", "b"]
+    assert first.metadata._continue and first.metadata.remaining_item_count == 3
+    rv = first.metadata.resource_version
+    server.put("services", svc("aa"))  # after the first page: not in this LIST (one revision)
+    names = [s.metadata.name for s in first.items]
+    token = first.metadata._continue
+    while token:
+        page = core.list_namespaced_service("default", limit=2, _continue=token)
+        assert page.metadata.resource_version == rv
+        names += [s.metadata.name for s in page.items]
+        token = page.metadata._continue
+    assert names == ["a", "b", "c", "d", "e"]
+
+
+def test_list_from_the_watch_cache_ignores_limit(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    for name in "abc":
+        server.put("services", svc(name))
+    cached = core.list_namespaced_service("default", limit=1, resource_version="0")
+    assert len(cached.items) == 3 and not cached.metadata._continue
+    exact = core.list_namespaced_service("default", limit=1, resource_version="2")
+    assert len(exact.items) == 1 and exact.metadata._continue
+
+
+def test_continue_token_expires_with_compaction_and_exact_rv_too(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    for name in "abc":
+        server.put("services", svc(name))
+    first = core.list_namespaced_service("default", limit=1)
+    server.compact()
+    with pytest.raises(ApiException) as expired:
+        core.list_namespaced_service("default", limit=1, _continue=first.metadata._continue)
+    assert expired.value.status == 410
+    assert "continue parameter is too old" in json.loads(expired.value.body)["message"]
+    with pytest.raises(ApiException) as gone:  # paged LIST at an exact, compacted RV
+        core.list_namespaced_service("default", limit=1, resource_version="1")
+    assert gone.value.status == 410
+    again = core.list_namespaced_service("default", limit=1)  # a fresh LIST works
+    server.expire_continue_tokens()
+    with pytest.raises(ApiException) as dropped:
+        core.list_namespaced_service("default", limit=1, _continue=again.metadata._continue)
+    assert dropped.value.status == 410
+    third = core.list_namespaced_service("default", limit=1)
+    server.expire_continue_tokens(next_requests=1)  # only the next continue request expires
+    with pytest.raises(ApiException) as once:
+        core.list_namespaced_service("default", limit=1, _continue=third.metadata._continue)
+    assert once.value.status == 410
+    rest = core.list_namespaced_service("default", limit=5, _continue=third.metadata._continue)
+    assert [s.metadata.name for s in rest.items] == ["b", "c"]
+
+
+def test_continue_with_a_resource_version_is_refused(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    server.put("services", svc("a"))
+    server.put("services", svc("b"))
+    first = core.list_namespaced_service("default", limit=1)
+    with pytest.raises(ApiException) as refused:
+        core.list_namespaced_service("default", limit=1, _continue=first.metadata._continue,
+                                     resource_version="1")
+    assert refused.value.status == 400
+    with pytest.raises(ApiException) as junk:
+        core.list_namespaced_service("default", limit=1, _continue="not-a-token")
+    assert junk.value.status == 400
+
+
+def test_watch_faults_are_validated(server: FakeApiServer) -> None:
+    with pytest.raises(ValueError):
+        server.fail_next(1, how="bogus")
+    with pytest.raises(ValueError):
+        server.fail_next(1, how="empty", verb="list")

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_router_svcdisc.sim.engine import EngineMode, FakeEngine, split_evenly, wait_until
 
 PORT = 18000
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _ip_lock = threading.Lock()
 _ip_next = [0]
 
@@ -397,3 +397,77 @@ def test_mode_flapping_under_load() -> None:
         for t in threads:
             t.join(5)
             assert not t.is_alive()
+
+
+def _closed_by_server(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """True once the peer closed ``sock`` (EOF or reset), polled up to ``timeout``."""
+    sock.settimeout(0.05)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(1) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_sigterm_refuses_new_connections_at_once(engine: FakeEngine) -> None:
+    assert requests.get(engine.url + "/health", timeout=5).status_code == 200
+    engine.drain()
+    assert not engine.is_listening
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(engine.address, timeout=2).close()
+
+
+def test_sigterm_closes_idle_keepalive_connections(engine: FakeEngine) -> None:
+    conn = http.client.HTTPConnection(engine.ip, engine.port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        assert response.getheader("Connection") is None  # kept alive
+        engine.drain()
+        assert conn.sock is not None and _closed_by_server(conn.sock)
+    finally:
+        conn.close()
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_closes_its_connection(
+        engine: FakeEngine) -> None:
+    engine.mode = EngineMode.SLOW
+    engine.slow_delay = 1.0
+    conn = http.client.HTTPConnection(engine.ip, engine.port, timeout=10)
+    replies: list[tuple[int, str | None, bytes]] = []
+
+    def request() -> None:
+        conn.request("POST", "/v1/completions", body=b"{}",
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        replies.append((response.status, response.getheader("Connection"), response.read()))
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    try:
+        assert wait_until(lambda: engine.request_counts().get("/v1/completions") == 1, 10.0)
+        engine.drain()
+        worker.join(10.0)
+        assert replies and replies[0][0] == 200 and replies[0][1] == "close"
+        assert json.loads(replies[0][2])["served_by"] == engine.ip
+    finally:
+        conn.close()
+
+
+def test_idle_keepalive_connections_close_after_the_keepalive_timeout() -> None:
+    assert FakeEngine(next_ip(), PORT).keepalive_timeout == 5.0  # uvicorn's default
+    with FakeEngine(next_ip(), PORT) as eng:
+        eng.keepalive_timeout = 0.2  # applies to connections accepted from now on
+        conn = http.client.HTTPConnection(eng.ip, eng.port, timeout=5)
+        try:
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            assert conn.sock is not None and _closed_by_server(conn.sock)
+        finally:
+            conn.close()

@@ -157,7 +157,7 @@ def test_kube_proxy_falls_back_to_serving_terminating_endpoints(cluster: SimClus
     cluster.add_service("drain", replicas=2)
     url = cluster.url_of("drain")
     for pod in cluster.pods("drain"):
-        cluster.terminate_pod(pod)  # both drain: still serving, not ready
+        cluster.terminate_pod(pod, pre_stop=30.0)  # preStop sleep: serving, not ready
     assert get(url + "/health").status_code == 200
     cluster.set_ready(cluster.pods("drain")[0], False)  # not serving any more
     cluster.set_ready(cluster.pods("drain")[1], False)

@@ -42,12 +42,13 @@ def test_production_stack_wiring_calls_work_unchanged(cluster: SimCluster,
         informer_config=FAST_INFORMER,
     )
     scraper = compat.initialize_engine_stats_scraper(0.2, 1.0)
+    assert discovery.routing == "pod"  # production-stack's pod-ip keeps its meaning
     assert compat.get_service_discovery() is discovery
     assert compat.get_engine_stats_scraper() is scraper
     assert scraper.timeout == 1.0
-    url = cluster.url_of("alpha")
-    wait_for(lambda: url in scraper.get_engine_stats(), message="stats keyed by the Service URL")
-    assert [e.url for e in discovery.get_endpoint_info()] == [url]
+    urls = sorted(f"http://{p.ip}:{p.engine.port}" for p in cluster.pods("alpha"))
+    wait_for(lambda: sorted(scraper.get_engine_stats()) == urls, message="stats keyed by pod URL")
+    assert sorted(e.url for e in discovery.get_endpoint_info()) == urls
     discovery.add_sleep_label("alpha-0")  # production-stack's /sleep calls these
     discovery.remove_sleep_label("alpha-0")
 
@@ -60,3 +61,15 @@ def test_second_initialization_and_other_discovery_types_are_refused(
         compat.get_engine_stats_scraper()
     with pytest.raises(ValueError, match="static"):
         compat.initialize_service_discovery(ServiceDiscoveryType.STATIC, urls=[])
+
+
+@pytest.mark.parametrize(("flag", "routing"), [("pod-ip", "pod"), ("service-name", "service"),
+                                               (None, "pod"), ("", "pod"), (" Service-Name ",
+                                                                            "service")])
+def test_the_discovery_type_flag_maps_to_routing(flag: str | None, routing: str) -> None:
+    assert compat.routing_for(flag) == routing
+
+
+def test_an_unknown_discovery_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown k8s_service_discovery_type 'dns'"):
+        compat.routing_for("dns")

@@ -18,19 +18,11 @@ from vllm_router_svcdisc.vllm_metrics import (
 )
 
 FIXTURE = "vllm-0.33-metrics-dp2.txt"
-_FIXTURE_DIRS = (
-    Path(__file__).resolve().parents[1] / "fixtures",
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures",
-)
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _fixture(name: str) -> str:
-    """The repo's copy of a fixture first, shared/ beside the repo as a fallback."""
-    for directory in _FIXTURE_DIRS:
-        path = directory / name
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    pytest.fail(f"fixture {name} not found in {_FIXTURE_DIRS}")
+    return (FIXTURES / name).read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,15 @@
 """A fake Kubernetes API server that the unmodified official ``kubernetes`` client talks to.
 
 Why: discovery code must be tested against the real client's wire behaviour (chunked watch
-streams, 410 Expired, bookmarks, RBAC denials, dropped connections) without a cluster.
+streams, 410 Expired, bookmarks, RBAC denials, dropped connections, paged LISTs, and the ways
+real API servers and the proxies in front of them break watches) without a cluster.
 Stdlib only; serves services, endpoints, endpointslices and pods on loopback HTTP.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import copy
 import json
@@ -36,8 +39,19 @@ from vllm_router_svcdisc.sim.selectors import (
 __all__ = ["RESOURCES", "FakeApiServer", "ResourceType", "parse_go_bool", "status_body"]
 
 Obj = dict[str, Any]
+_Entries = list[tuple[tuple[str, str], Obj]]  # (namespace, name) -> object, sorted by key
 
 DEFAULT_WATCH_TIMEOUT = 1800.0
+#: A real API server's watch cache sends each watcher a bookmark about once a minute.
+DEFAULT_BOOKMARK_INTERVAL = 60.0
+#: How watch faults can play out after a request is admitted (see ``fail_next``).
+WATCH_FAULTS = ("empty", "error-event", "silent")
+_SNAPSHOT_LIMIT = 64  # paged LIST snapshots kept for continue tokens; older tokens expire
+_TOO_LARGE_CAUSE = "ResourceVersionTooLarge"
+_CONTINUE_EXPIRED = (
+    "The provided continue parameter is too old to display a consistent list result. You can "
+    "start a new list without the continue parameter."
+)
 _WAKE_INTERVAL = 0.2  # watch handlers re-check stop/cut/peer-closed at least this often
 _JOIN_TIMEOUT = 1.0
 _USER = "system:serviceaccount:default:router"
@@ -165,6 +179,8 @@ class _Fault:
     resource: str | None
     remaining: int | None = None
     until: float | None = None
+    how: str = "status"  # "status": an HTTP error answer; else one of WATCH_FAULTS
+    cause: str | None = None  # a Status details cause, e.g. ResourceVersionTooLarge
 
     def active(self, now: float) -> bool:
         if self.until is not None and now >= self.until:
@@ -197,6 +213,7 @@ class _Watch:
     sock: socket.socket
     cursor: int = 0  # highest RV this watcher has been brought up to (used by bookmarks)
     cut: bool = False
+    silent: bool = False  # black-holed: nothing more is written, the connection stays open
     pending: list[tuple[str, Obj] | bytes] = field(default_factory=list)
 
     def matches(self, obj: Obj | None) -> bool:
@@ -222,6 +239,15 @@ class _Watch:
         if now_matches:
             return ("ADDED", event.obj)
         return None
+
+
+class _ListRefused(Exception):
+    """A LIST answered with an error Status (bad or expired paging parameters)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass
@@ -391,7 +417,7 @@ class FakeApiServer:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        bookmark_interval: float = 1.0,
+        bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL,
         history_limit: int = 10_000,
         allowed_verbs: frozenset[str] | None = None,
     ) -> None:
@@ -411,6 +437,9 @@ class FakeApiServer:
         self._faults: list[_Fault] = []
         self._disabled: set[str] = set()
         self._counts: dict[tuple[str, str], int] = {}
+        # paged LISTs being read, by (resource, RV): what their continue tokens point into
+        self._snapshots: dict[tuple[str, int], _Entries] = {}
+        self._continues_to_expire = 0
         # guarded by _conn_lock:
         self._conn_lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
@@ -567,10 +596,24 @@ class FakeApiServer:
         """Drop the event history: a new watch from any RV older than the current one gets 410.
 
         Open watches are unaffected (the real watch cache has already dispatched to them).
+        Continue tokens of paged LISTs expire too (etcd compacted their revision): 410.
         """
         with self._cond:
             self._history.clear()
             self._floor = self._rv
+            self._snapshots.clear()
+
+    def expire_continue_tokens(self, next_requests: int = 0) -> None:
+        """Make every outstanding continue token answer 410, as after etcd compaction.
+
+        With ``next_requests=n``, instead the next n requests that carry a continue token
+        answer 410, so a test can expire a LIST between two of its pages deterministically.
+        """
+        with self._cond:
+            if next_requests:
+                self._continues_to_expire += next_requests
+            else:
+                self._snapshots.clear()
 
     def _record(self, event: _Event) -> None:
         """Append to the bounded history and dispatch to open watches. Caller holds _cond."""
@@ -591,29 +634,59 @@ class FakeApiServer:
     def fail_next(
         self,
         n: int,
-        status: int,
+        status: int = 500,
         *,
         retry_after: int | None = None,
         verb: str | None = None,
         resource: str | None = None,
+        how: str = "status",
+        cause: str | None = None,
     ) -> None:
-        """Answer the next n matching requests with `status`."""
+        """Answer the next n matching requests with `status`, the way `how` says.
+
+        ``how="status"``: an HTTP error answer (a 410 on a watch comes in-stream, as from the
+        watch cache; ``cause="ResourceVersionTooLarge"`` with 504 is the "Too large resource
+        version" answer of a server whose cache is behind the RV asked for).  Watch-only ways
+        (the request is answered 200 first): ``"empty"`` ends the stream cleanly at once with
+        no event (a proxy, or a server shutting down); ``"error-event"`` sends one ``ERROR``
+        event with a Status of `status` and ends; ``"silent"`` sends nothing more and keeps
+        the connection open (a dead peer, a black-holing load balancer) until the client
+        closes it or the server stops.
+        """
+        fault = self._fault(status, retry_after, verb, resource, how, cause)
+        fault.remaining = n
         with self._cond:
-            self._faults.append(_Fault(status, retry_after, verb, resource, remaining=n))
+            self._faults.append(fault)
 
     def fail_for(
         self,
         seconds: float,
-        status: int,
+        status: int = 500,
         *,
         retry_after: int | None = None,
         verb: str | None = None,
         resource: str | None = None,
+        how: str = "status",
+        cause: str | None = None,
     ) -> None:
-        """Answer every matching request with `status` for the next `seconds`."""
-        until = time.monotonic() + seconds
+        """Answer every matching request as :meth:`fail_next` does, for the next `seconds`."""
+        fault = self._fault(status, retry_after, verb, resource, how, cause)
+        fault.until = time.monotonic() + seconds
         with self._cond:
-            self._faults.append(_Fault(status, retry_after, verb, resource, until=until))
+            self._faults.append(fault)
+
+    @staticmethod
+    def _fault(status: int, retry_after: int | None, verb: str | None, resource: str | None,
+               how: str, cause: str | None) -> _Fault:
+        if how != "status":
+            if how not in WATCH_FAULTS:
+                raise ValueError(f"how must be 'status' or one of {WATCH_FAULTS}, not {how!r}")
+            if verb not in (None, "watch"):
+                raise ValueError(f"how={how!r} only applies to watch requests")
+            verb = "watch"
+        if resource is not None:
+            _rtype(resource)
+        return _Fault(status, retry_after, verb, resource, how=how, cause=cause)
 
     def clear_faults(self) -> None:
         with self._cond:
@@ -628,6 +701,18 @@ class FakeApiServer:
             self._cond.notify_all()
         for watch in watches:
             _shutdown_socket(watch.sock)
+
+    def silence_watches(self, resource: str | None = None) -> None:
+        """Black-hole the open watch streams: no more bytes (events, bookmarks, end), no close.
+
+        The connection stays open until the client gives up on it or the server stops, like a
+        watch through a load balancer whose backend vanished.
+        """
+        with self._cond:
+            for watch in self._watches:
+                if resource is None or watch.resource == resource:
+                    watch.silent = True
+            self._cond.notify_all()
 
     def inject_raw_line(self, line: bytes, resource: str | None = None) -> None:
         """Queue a raw line (e.g. malformed JSON) into open watch streams, in event order."""
@@ -683,26 +768,25 @@ class FakeApiServer:
         verb = "watch" if watching else ("get" if route.name else "list")
         rejection = self._admit(verb, route)
         if rejection is not None:
-            self._send_rejection(handler, verb, *rejection)
+            self._send_rejection(handler, verb, rejection, query)
         elif verb == "get":
             self._serve_get(handler, route)
         else:
             self._serve_collection(handler, verb, route, query)
 
-    def _admit(self, verb: str, route: _Route) -> tuple[int, str, dict[str, str]] | None:
-        """Count the request and decide whether it is refused: (status, message, headers)."""
+    def _admit(self, verb: str, route: _Route) -> _Fault | None:
+        """Count the request and decide whether it is refused, and how."""
         resource = route.rtype.plural
         with self._cond:
             key = (verb, resource)
             self._counts[key] = self._counts.get(key, 0) + 1
             if resource in self._disabled:
-                return 404, _NOT_SERVED, {}
+                return _Fault(404, None, verb, resource)
             fault = self._take_fault(verb, resource)
         if fault is not None:
-            headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
-            return fault.status, _fault_message(fault.status, verb, route), headers
+            return fault
         if self.allowed_verbs is not None and verb not in self.allowed_verbs:
-            return 403, _forbidden_message(verb, route), {}
+            return _Fault(403, None, verb, resource)
         return None
 
     def _take_fault(self, verb: str, resource: str) -> _Fault | None:
@@ -717,15 +801,40 @@ class FakeApiServer:
         return None
 
     def _send_rejection(
-        self, handler: _Handler, verb: str, status: int, message: str, headers: dict[str, str]
+        self, handler: _Handler, verb: str, fault: _Fault, query: dict[str, str]
     ) -> None:
         """Error answer; a 410 on a watch comes in-stream as an ERROR event, as the cache does."""
-        if verb == "watch" and status == 410:
+        route = _parse_route(urlsplit(handler.path).path)
+        assert route is not None
+        status = fault.status
+        if fault.cause == _TOO_LARGE_CAUSE:
+            body = _too_large_status(query.get("resourceVersion") or "0", self.resource_version)
+        else:
+            body = status_body(status, _fault_message(status, verb, route))
+        if fault.how == "silent":
             handler.start_chunked()
-            handler.write_event("ERROR", status_body(410, message))
+            self._hold_silently(handler)
+            return
+        if fault.how != "status" or (verb == "watch" and status == 410):
+            handler.start_chunked()
+            if fault.how != "empty":
+                handler.write_event("ERROR", body)
             handler.end_chunked()
             return
-        handler.send_json(status, status_body(status, message), headers)
+        retry_after = fault.retry_after
+        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        handler.send_json(status, body, headers)
+
+    def _hold_silently(self, handler: _Handler) -> None:
+        """Keep a connection open, writing nothing, until the client or the server ends it."""
+        while True:
+            with self._cond:
+                if not self._serving:
+                    break
+                self._cond.wait(_WAKE_INTERVAL)
+            if handler.peer_closed():
+                break
+        handler.abort()
 
     def _serve_get(self, handler: _Handler, route: _Route) -> None:
         assert route.name is not None and route.namespace is not None
@@ -754,25 +863,92 @@ class FakeApiServer:
             return
         watch = _Watch(route.rtype.plural, route.namespace, labels, fields, handler.connection)
         if params is None:
-            self._serve_list(handler, route.rtype, watch)
+            self._serve_list(handler, route.rtype, watch, query)
         else:
             self._serve_watch(handler, route.rtype, watch, params)
 
-    def _serve_list(self, handler: _Handler, rtype: ResourceType, selection: _Watch) -> None:
-        with self._cond:
-            items = [
-                _wire(rtype, obj)
-                for _, obj in sorted(self._store[rtype.plural].items())
-                if selection.matches(obj)
-            ]
-            rv = self._rv
+    def _serve_list(
+        self, handler: _Handler, rtype: ResourceType, selection: _Watch, query: dict[str, str]
+    ) -> None:
+        """LIST, paged the way the API server pages (``limit``/``continue``).
+
+        ``resourceVersion=0`` is served from the watch cache, which ignores ``limit``: the whole
+        list in one answer.  Otherwise a ``limit`` pages from etcd at one revision: unset is the
+        latest, ``N`` means exactly N (410 once N is compacted); continue tokens point into that
+        revision and answer 410 once it is compacted.  Without MVCC the pages of revision N hold
+        the objects as they were when its first page was served.
+        """
+        raw_rv = query.get("resourceVersion", "")
+        token = query.get("continue") or ""
+        try:
+            limit = int(query.get("limit") or 0)
+            if limit < 0:
+                raise ValueError
+        except ValueError:
+            handler.send_json(400, status_body(400, f"invalid limit: {query.get('limit')!r}"))
+            return
+        if token and raw_rv:
+            message = "specifying resource version is not allowed when using continue"
+            handler.send_json(400, status_body(400, message))
+            return
+        try:
+            with self._cond:
+                if token:
+                    rv, entries = self._continue_page(rtype.plural, token)
+                elif limit and raw_rv != "0":
+                    rv, entries = self._first_page(rtype.plural, raw_rv)
+                else:
+                    rv, entries = self._rv, sorted(self._store[rtype.plural].items())
+        except _ListRefused as refused:
+            handler.send_json(refused.code, status_body(refused.code, refused.message))
+            return
+        items: list[Obj] = []
+        metadata: Obj = {"resourceVersion": str(rv)}
+        for index, (key, obj) in enumerate(entries):
+            if not selection.matches(obj):
+                continue
+            if limit and raw_rv != "0" and len(items) == limit:
+                metadata["continue"] = _continue_token(rv, key)
+                metadata["remainingItemCount"] = len(entries) - index
+                break
+            items.append(_wire(rtype, obj))
         body = {
             "kind": f"{rtype.kind}List",
             "apiVersion": rtype.api_version,
-            "metadata": {"resourceVersion": str(rv)},
+            "metadata": metadata,
             "items": items,
         }
         handler.send_json(200, body)
+
+    def _first_page(self, resource: str, raw_rv: str) -> tuple[int, _Entries]:
+        """Snapshot the store for a paged LIST. Caller holds _cond."""
+        if raw_rv:
+            try:
+                asked = int(raw_rv)
+            except ValueError:
+                raise _ListRefused(400, f"invalid resource version: {raw_rv!r}") from None
+            if asked < self._floor:
+                raise _ListRefused(410, f"too old resource version: {asked} ({self._floor})")
+        entries = sorted(self._store[resource].items())
+        self._snapshots[(resource, self._rv)] = entries
+        while len(self._snapshots) > _SNAPSHOT_LIMIT:
+            del self._snapshots[next(iter(self._snapshots))]
+        return self._rv, entries
+
+    def _continue_page(self, resource: str, token: str) -> tuple[int, _Entries]:
+        """The rest of a paged LIST after the token's key, or 410 once it expired."""
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+            rv, start = int(decoded["rv"]), (str(decoded["start"][0]), str(decoded["start"][1]))
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise _ListRefused(400, "continue key is not valid") from None
+        entries = self._snapshots.get((resource, rv))
+        if self._continues_to_expire > 0:
+            self._continues_to_expire -= 1
+            entries = None
+        if entries is None:
+            raise _ListRefused(410, _CONTINUE_EXPIRED)
+        return rv, [(key, obj) for key, obj in entries if key >= start]
 
     # --- watch ---------------------------------------------------------------------------------
 
@@ -859,6 +1035,10 @@ class FakeApiServer:
                 self._close_watch(watch)
                 handler.abort()
                 return
+            if watch.silent:
+                self._close_watch(watch)
+                self._hold_silently(handler)
+                return
             for item in batch.items:
                 if isinstance(item, bytes):
                     handler.write_line(item)
@@ -914,6 +1094,19 @@ def _forbidden_message(verb: str, route: _Route) -> str:
         f'{subject} is forbidden: User "{_USER}" cannot {verb} resource "{rtype.plural}" '
         f'in API group "{rtype.group}" {scope}'
     )
+
+
+def _continue_token(rv: int, next_key: tuple[str, str]) -> str:
+    """An opaque continue token: the revision being paged and the first key of the next page."""
+    raw = json.dumps({"rv": rv, "start": list(next_key)}).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _too_large_status(asked: str, current: int) -> Obj:
+    """The 504 a server whose watch cache is behind the RV asked for answers (retry in 1 s)."""
+    details = {"causes": [{"reason": _TOO_LARGE_CAUSE, "message": "Too large resource version"}],
+               "retryAfterSeconds": 1}
+    return status_body(504, f"Too large resource version: {asked}, current: {current}", details)
 
 
 def _fault_message(status: int, verb: str, route: _Route) -> str:

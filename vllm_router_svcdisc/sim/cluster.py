@@ -392,16 +392,23 @@ class SimCluster:
             self.api.put("pods", self._pod_object(pod))
             self._sync_pod(pod)
 
-    def terminate_pod(self, pod: SimPod) -> None:
-        """Graceful deletion begins: endpoint shows terminating, the engine keeps serving
-        in-flight and arriving requests but closes each connection after its response."""
+    def terminate_pod(self, pod: SimPod, *, pre_stop: float = 0.0) -> None:
+        """Graceful deletion begins: the endpoint shows terminating at once; the engine gets
+        SIGTERM (uvicorn's shutdown, :meth:`FakeEngine.drain`) after the pod's ``preStop``
+        sleep of ``pre_stop`` seconds, serving normally until then."""
         with self._lock:
             pod.terminating = True
-            drain = getattr(pod.engine, "drain", None)
-            if drain is not None:
-                drain()
             self.api.put("pods", self._pod_object(pod))
             self._sync_pod(pod)
+        if pre_stop > 0:
+            self._after(pre_stop, self._sigterm, pod)
+        else:
+            self._sigterm(pod)
+
+    def _sigterm(self, pod: SimPod) -> None:
+        drain = getattr(pod.engine, "drain", None)
+        if drain is not None:
+            drain()
 
     def finish_termination(self, pod: SimPod) -> None:
         """The pod exited: its engine stops, the pod and its endpoint go away."""
@@ -417,7 +424,11 @@ class SimCluster:
         if endpoint_delay <= 0:
             self._finish_if_present(pod)
             return
-        timer = threading.Timer(endpoint_delay, self._finish_if_present, args=(pod,))
+        self._after(endpoint_delay, self._finish_if_present, pod)
+
+    def _after(self, seconds: float, action: Callable[[SimPod], None], pod: SimPod) -> None:
+        """Run ``action(pod)`` in ``seconds`` on a timer that :meth:`stop` cancels."""
+        timer = threading.Timer(seconds, action, args=(pod,))
         timer.daemon = True
         with self._lock:
             self._timers = [t for t in self._timers if t.is_alive()]  # forget fired ones

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import select
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ _GARBAGE_METRICS = b"<html><body>502 {{{ this is not prometheus text \x00\xff\xf
 _GARBAGE_JSON = b'{"object": "list", "data": [{"id": "truncated'
 _MAX_LORA_HISTORY = 16
 _POLL = 0.05  # seconds; bound of every internal wait loop
+KEEPALIVE_TIMEOUT = 5.0  # uvicorn's default timeout_keep_alive: idle connections close after it
 _TRICKLE_LIMIT = 120.0  # a trickled response gives up after this long
 
 
@@ -69,7 +71,8 @@ def split_evenly(total: int, parts: int) -> list[int]:
 
 
 class _Server(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that tracks its connections so that it can drop them promptly."""
+    """A ThreadingHTTPServer that tracks its connections (busy or idle between requests), so
+    that it can drop them promptly or, at SIGTERM, close only the idle ones."""
 
     daemon_threads = True
     block_on_close = False
@@ -79,7 +82,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, engine: FakeEngine, address: tuple[str, int]) -> None:
         self.engine = engine
         self.release = threading.Event()  # set when this server is torn down
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, bool] = {}  # connection -> a request is in flight
         self._conns_lock = threading.Lock()
         super().__init__(address, _Handler)
 
@@ -94,7 +97,7 @@ class _Server(ThreadingHTTPServer):
         with self._conns_lock:
             released = self.release.is_set()
             if not released:
-                self._conns.add(request)
+                self._conns[request] = False
         if released:
             self.shutdown_request(request)
             return
@@ -102,8 +105,28 @@ class _Server(ThreadingHTTPServer):
 
     def shutdown_request(self, request: Any) -> None:
         with self._conns_lock:
-            self._conns.discard(request)
+            self._conns.pop(request, None)
         super().shutdown_request(request)
+
+    def set_busy(self, conn: socket.socket, busy: bool) -> None:
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns[conn] = busy
+
+    def stop_listening(self) -> None:
+        """Close the listening socket: new connections are refused from now on."""
+        self.shutdown()
+        self.server_close()
+
+    def close_idle_connections(self) -> None:
+        """Close connections with no request in flight (one whose next request has already
+        arrived counts as busy: it is answered, with ``Connection: close``)."""
+        with self._conns_lock:
+            idle = [conn for conn, busy in self._conns.items() if not busy]
+        for conn in idle:
+            with contextlib.suppress(OSError, ValueError):
+                if not select.select([conn], [], [], 0)[0]:
+                    conn.shutdown(socket.SHUT_RDWR)
 
     def drop_connections(self) -> None:
         self.release.set()
@@ -118,9 +141,21 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeVLLM/0.33"
     sys_version = ""
-    timeout = 60.0  # bound idle keep-alive connections
     disable_nagle_algorithm = True
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # reads time out after the keep-alive timeout: an idle connection closes then
+        self.connection.settimeout(self.server.engine.keepalive_timeout)
+
+    def parse_request(self) -> bool:
+        self.server.set_busy(self.connection, True)
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        self.server.set_busy(self.connection, False)
 
     def log_message(self, format: str, *args: Any) -> None:
         return
@@ -338,6 +373,7 @@ class FakeEngine:
         self.slow_delay = 2.0
         self.oversize_bytes = 50 * 1024 * 1024
         self.trickle_interval = 0.2
+        self.keepalive_timeout = KEEPALIVE_TIMEOUT
         self.draining = False
 
         self._lock = threading.RLock()
@@ -371,6 +407,7 @@ class FakeEngine:
             if self._started:
                 return self
             self._started = True
+            self.draining = False
             if self._mode is not EngineMode.DOWN:
                 try:
                     self._bind()
@@ -380,9 +417,15 @@ class FakeEngine:
         return self
 
     def drain(self) -> None:
-        """SIGTERM, as uvicorn handles it: keep serving, but close each connection after its
-        response, so keep-alive clients reconnect (through kube-proxy) to a ready pod."""
-        self.draining = True
+        """SIGTERM, as uvicorn handles it: the listening socket closes at once (new connections
+        are refused), idle keep-alive connections are closed, requests in flight finish and
+        their connections close after the response.  ``stop()`` is the process exiting."""
+        with self._lock:
+            self.draining = True
+            server = self._server
+        if server is not None:
+            server.stop_listening()
+            server.close_idle_connections()
 
     def stop(self) -> None:
         with self._lock:
@@ -403,7 +446,7 @@ class FakeEngine:
     @property
     def is_listening(self) -> bool:
         with self._lock:
-            return self._server is not None
+            return self._server is not None and not self.draining
 
     def _bind(self) -> None:
         server = _Server(self, (self.ip, self.port))

@@ -1,0 +1,168 @@
+"""A keyed, rate-limited work queue in the shape of client-go's ``util/workqueue``.
+
+Why a queue of keys rather than a schedule of tasks: a key (a pod's URL) is the unit of work, so
+it is never processed by two workers at once, a key added again while it waits is coalesced
+into one entry, and a key added while it is being processed is processed once more afterwards
+(nothing is lost, nothing runs twice).  ``add_after`` holds a key back (the next periodic run),
+``add_rate_limited`` holds it back by its own exponential backoff (a failing pod), ``forget``
+ends that backoff.  Time comes from an injected clock, so every rule here is unit-tested on a
+fake clock without sleeping.
+
+Semantics follow client-go with one deliberate difference: ``shut_down`` drops what is still
+queued, because the prober and the scraper shut their queue down to close, and closing must not
+wait for pending work.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections import deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+from .backoff import Backoff, BackoffPolicy
+from .clock import SYSTEM_CLOCK, Clock
+
+K = TypeVar("K", bound=Hashable)
+
+#: A blocking ``get`` re-checks the clock at least this often (bounds every wait).
+_MAX_WAIT = 1.0
+
+
+class WorkQueue(Generic[K]):
+    """Keys to process: FIFO when ready, held back until due when added with a delay."""
+
+    def __init__(self, *, backoff: BackoffPolicy | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self._policy = backoff or BackoffPolicy()
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._ready: deque[K] = deque()
+        self._dirty: set[K] = set()  # queued, or to be queued again once processed
+        self._processing: set[K] = set()
+        self._due: dict[K, float] = {}  # held back until then (the earliest wins)
+        self._heap: list[tuple[float, int, K]] = []  # (due, order, key); superseded ones skipped
+        self._order = itertools.count()
+        self._backoffs: dict[K, Backoff] = {}
+        self._shut_down = False
+
+    # -- adding ------------------------------------------------------------------------------
+
+    def add(self, key: K) -> None:
+        """Queue ``key`` now; no-op while it is already queued; after it if in process."""
+        with self._cond:
+            self._add(key)
+
+    def add_after(self, key: K, delay: float) -> None:
+        """Queue ``key`` once ``delay`` seconds have passed (at once when ``delay`` <= 0)."""
+        with self._cond:
+            if delay <= 0:
+                self._add(key)
+                return
+            if self._shut_down:
+                return
+            due = self._clock.monotonic() + delay
+            if due < self._due.get(key, float("inf")):
+                self._due[key] = due
+                earliest = not self._heap or due < self._heap[0][0]
+                heapq.heappush(self._heap, (due, next(self._order), key))
+                if earliest:  # only then does a waiting get need to wake sooner
+                    self._cond.notify()
+
+    def add_rate_limited(self, key: K, retry_after: float | None = None) -> float:
+        """Queue ``key`` after its backoff (one more failure of it); returns the delay."""
+        with self._cond:
+            backoff = self._backoffs.get(key)
+            if backoff is None:
+                backoff = self._backoffs[key] = Backoff(self._policy, clock=self._clock)
+        delay = backoff.next(retry_after)
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: K) -> None:
+        """``key`` succeeded (or is gone): its next failure starts the backoff over."""
+        with self._cond:
+            self._backoffs.pop(key, None)
+
+    def failures(self, key: K) -> int:
+        """Consecutive failures of ``key`` since it was last forgotten (client-go NumRequeues)."""
+        with self._cond:
+            backoff = self._backoffs.get(key)
+            return backoff.failures if backoff is not None else 0
+
+    # -- processing --------------------------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> K | None:
+        """The next ready key, now marked in process; None on shut-down or after ``timeout``.
+
+        The caller must call :meth:`done` with it when finished.
+        """
+        with self._cond:
+            deadline = None if timeout is None else self._clock.monotonic() + timeout
+            while True:
+                if self._shut_down:
+                    return None
+                now = self._clock.monotonic()
+                self._promote(now)
+                if self._ready:
+                    key = self._ready.popleft()
+                    self._dirty.discard(key)
+                    self._processing.add(key)
+                    return key
+                wait = _MAX_WAIT
+                if self._heap:
+                    wait = min(wait, self._heap[0][0] - now)
+                if deadline is not None:
+                    if now >= deadline:
+                        return None
+                    wait = min(wait, deadline - now)
+                self._cond.wait(max(wait, 0.001))
+
+    def done(self, key: K) -> None:
+        """``key`` is processed; if it was added meanwhile it is queued again now."""
+        with self._cond:
+            self._processing.discard(key)
+            if key in self._dirty and not self._shut_down:
+                self._ready.append(key)
+                self._cond.notify()
+
+    def shut_down(self) -> None:
+        """Wake every waiting ``get`` (it returns None); later adds are ignored."""
+        with self._cond:
+            self._shut_down = True
+            self._ready.clear()
+            self._dirty.clear()
+            self._due.clear()
+            self._heap.clear()
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        """Keys ready to be processed (not the ones held back)."""
+        with self._cond:
+            return len(self._ready)
+
+    def waiting(self) -> int:
+        """Keys held back until a later time."""
+        with self._cond:
+            return len(self._due)
+
+    # -- internals (the caller holds the condition) --------------------------------------------
+
+    def _add(self, key: K) -> None:
+        if self._shut_down or key in self._dirty:
+            return
+        self._dirty.add(key)
+        if key not in self._processing:
+            self._ready.append(key)
+            self._cond.notify()
+
+    def _promote(self, now: float) -> None:
+        """Move keys whose time has come from the held-back set to the ready queue."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, _order, key = heapq.heappop(heap)
+            if self._due.get(key) == due:  # else superseded by an earlier due
+                del self._due[key]
+                self._add(key)
