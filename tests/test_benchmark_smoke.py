@@ -38,6 +38,23 @@ def test_churn_quick_runs_and_writes_results(tmp_path: Path) -> None:
     assert "| target | goal | measured | met |" in markdown
 
 
+def test_scale_step_runs_and_writes_results(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "churn.py"), "--only-scale",
+           "--scale-sizes", "2", "4", "--scale-replicas", "3", "--flips", "4", "--batches", "5",
+           "--scale-timeout", "60", "--farm-port", "0", "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "churn.json").read_text())
+    assert set(results["scale"]) == {"2", "4"}
+    for size in results["scale"].values():
+        assert {"sync_s", "all_routable_s", "flip_ms", "publish_us_per_publish",
+                "get_endpoint_info_ns", "first_read_us"} <= size.keys(), size
+    assert {"rss_before_discovery_mb", "rss_after_sync_mb",
+            "rss_all_routable_mb"} <= results["scale_rss"].keys(), results["scale_rss"]
+    assert any(row["target"].startswith("scale:") for row in results["targets"])
+    assert "## Scale" in (tmp_path / "churn.md").read_text()
+
+
 def test_balance_runs_and_writes_results(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "balance.py"), "--window", "0.5",
            "--warmup", "0.2", "--pre-stop", "0.2", "--grace", "0.1", "--replicas", "2",

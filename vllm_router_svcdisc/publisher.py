@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -23,7 +23,17 @@ from .view import ServiceView
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 PodKey = tuple[str, int]
+OwnedPod = tuple[str, PodKey]  # (the Service the pod is listed under, the pod)
 _BUCKETS = 256
+
+
+def _by_hash(key: Hashable) -> int:
+    return hash(key) % _BUCKETS
+
+
+def _by_owner(key: OwnedPod) -> int:
+    """A Service's pods share a bucket, so the pod list keeps them together, in view order."""
+    return hash(key[0]) % _BUCKETS
 
 
 class ReadOnlyList(list[Any]):
@@ -39,17 +49,19 @@ class ReadOnlyList(list[Any]):
 class Buckets(Mapping[K, V]):
     """A read-only mapping over frozen buckets (what a snapshot holds)."""
 
-    __slots__ = ("_buckets", "_flat", "_len")
+    __slots__ = ("_buckets", "_flat", "_index", "_len")
 
-    def __init__(self, buckets: tuple[Mapping[K, V], ...] = (), length: int = 0) -> None:
+    def __init__(self, buckets: tuple[Mapping[K, V], ...] = (), length: int = 0,
+                 index: Callable[[K], int] = _by_hash) -> None:
         self._buckets = buckets
         self._len = length
+        self._index = index
         self._flat: list[V] | None = None
 
     def __getitem__(self, key: K) -> V:
         if not self._buckets:
             raise KeyError(key)
-        return self._buckets[hash(key) % _BUCKETS][key]
+        return self._buckets[self._index(key)][key]
 
     def __iter__(self) -> Iterator[K]:
         return itertools.chain.from_iterable(self._buckets)
@@ -70,17 +82,18 @@ class Buckets(Mapping[K, V]):
 class _CopyOnWriteBuckets(Generic[K, V]):
     """A map split into buckets; a bucket handed to a snapshot is copied before it changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: Callable[[K], int] = _by_hash) -> None:
         self._buckets: list[dict[K, V]] = [{} for _ in range(_BUCKETS)]
         self._owned: set[int] = set()  # buckets copied since the last freeze
         self._len = 0
-        self._frozen: Buckets[K, V] = Buckets(tuple(self._buckets), 0)
+        self._index = index
+        self._frozen: Buckets[K, V] = Buckets(tuple(self._buckets), 0, index)
 
     def get(self, key: K) -> V | None:
-        return self._buckets[hash(key) % _BUCKETS].get(key)
+        return self._buckets[self._index(key)].get(key)
 
     def _writable(self, key: K) -> dict[K, V]:
-        index = hash(key) % _BUCKETS
+        index = self._index(key)
         if index not in self._owned:
             self._buckets[index] = dict(self._buckets[index])
             self._owned.add(index)
@@ -92,7 +105,7 @@ class _CopyOnWriteBuckets(Generic[K, V]):
         bucket[key] = value
 
     def discard(self, key: K) -> None:
-        if key in self._buckets[hash(key) % _BUCKETS]:
+        if key in self._buckets[self._index(key)]:
             del self._writable(key)[key]
             self._len -= 1
 
@@ -100,7 +113,7 @@ class _CopyOnWriteBuckets(Generic[K, V]):
         """The current content, never mutated again (unchanged: the previous object)."""
         if self._owned:
             self._owned.clear()
-            self._frozen = Buckets(tuple(self._buckets), self._len)
+            self._frozen = Buckets(tuple(self._buckets), self._len, self._index)
         return self._frozen
 
 
@@ -115,7 +128,7 @@ class Snapshot:
     version: int
     services: Mapping[str, ServiceView]
     service_infos: Buckets[str, EndpointInfo]
-    pod_buckets: Buckets[PodKey, EndpointInfo]
+    pod_buckets: Buckets[OwnedPod, EndpointInfo]
     known_models: frozenset[str]
     published_at: float
 
@@ -145,7 +158,8 @@ class SnapshotPublisher:
         self._views: _CopyOnWriteBuckets[str, ServiceView] = _CopyOnWriteBuckets()
         self._service_infos: _CopyOnWriteBuckets[str, EndpointInfo] = _CopyOnWriteBuckets()
         self._pod_owners: dict[PodKey, dict[str, EndpointInfo]] = {}
-        self._pod_infos: _CopyOnWriteBuckets[PodKey, EndpointInfo] = _CopyOnWriteBuckets()
+        self._pod_infos: _CopyOnWriteBuckets[OwnedPod, EndpointInfo] = _CopyOnWriteBuckets(
+            _by_owner)
         self._model_counts: dict[str, int] = {}
         self._dirty = self._models_dirty = False
         self._last = EMPTY_SNAPSHOT
@@ -210,21 +224,24 @@ class SnapshotPublisher:
 
     def _update_pods(self, service_key: str, old: tuple[EndpointInfo, ...],
                      new: tuple[EndpointInfo, ...]) -> None:
-        touched: set[PodKey] = set()
-        for info in old:
+        listed_under: dict[PodKey, str | None] = {}  # the owner before this change
+        for info in (*old, *new):
             pod_key = info.pods[0].key
-            owners = self._pod_owners.get(pod_key)
+            if pod_key not in listed_under:
+                owners = self._pod_owners.get(pod_key)
+                listed_under[pod_key] = min(owners) if owners else None
+        for info in old:
+            owners = self._pod_owners.get(info.pods[0].key)
             if owners is not None:
                 owners.pop(service_key, None)
-                touched.add(pod_key)
         for info in new:
-            pod_key = info.pods[0].key
-            self._pod_owners.setdefault(pod_key, {})[service_key] = info
-            touched.add(pod_key)
-        for pod_key in touched:
-            owners = self._pod_owners.get(pod_key)
-            if not owners:
+            self._pod_owners.setdefault(info.pods[0].key, {})[service_key] = info
+        for pod_key, before in listed_under.items():
+            owners = self._pod_owners.get(pod_key) or {}
+            now = min(owners) if owners else None
+            if before is not None and before != now:
+                self._pod_infos.discard((before, pod_key))
+            if now is None:
                 self._pod_owners.pop(pod_key, None)
-                self._pod_infos.discard(pod_key)
             else:
-                self._pod_infos.set(pod_key, owners[min(owners)])
+                self._pod_infos.set((now, pod_key), owners[now])

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import requests
+
 from tests.conftest import wait_for
 from tests.integration.test_discovery import state
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.scraper import EngineStatsScraper
 from vllm_router_svcdisc.sim.cluster import SimCluster
 
 
@@ -136,3 +139,42 @@ def test_portless_headless_service_uses_the_wanted_port(cluster: SimCluster,
     v = wait_routable(discovery, "any", 2)
     assert v.url == cluster.url_of("any") == "http://any.default.svc.cluster.local:8000"
     assert {p.port for p in v.pods} == {8000}
+
+
+def test_all_pods_terminating_is_not_routable_though_kube_proxy_still_serves(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    """kube-proxy falls back to serving-but-terminating endpoints; discovery does not route
+    new work to pods that are going away (their Service is not routable meanwhile)."""
+    cluster.add_service("drain", replicas=2)
+    discovery = make_discovery(cluster)
+    wait_routable(discovery, "drain", 2)
+    for pod in cluster.pods("drain"):
+        cluster.terminate_pod(pod, pre_stop=30.0)  # still serving during its preStop sleep
+    wait_for(lambda: not view(discovery, "drain").routable, 10, lambda: state(discovery))
+    assert "no ready endpoints" in view(discovery, "drain").reason
+    with requests.Session() as session:
+        session.trust_env = False
+        reply = session.get(cluster.url_of("drain") + "/health", timeout=5,
+                            headers={"Connection": "close"})
+    assert reply.status_code == 200
+
+
+def test_shared_pods_count_in_each_services_stats(cluster: SimCluster,
+                                                  make_discovery: Any) -> None:
+    owner = cluster.add_service("llama", replicas=2)
+    cluster.add_service("llama-peers", replicas=0, headless=True, selector=owner.selector)
+    discovery = make_discovery(cluster)
+    wait_routable(discovery, "llama", 2)
+    wait_routable(discovery, "llama-peers", 2)
+    scraper = EngineStatsScraper(discovery, scrape_interval=0.2, timeout=1.0)
+    try:
+        urls = {cluster.url_of("llama"), cluster.url_of("llama-peers")}
+
+        def both_complete() -> bool:
+            stats = scraper.get_engine_stats()
+            return set(stats) == urls and all(s.pods_scraped == 2 for s in stats.values())
+
+        wait_for(both_complete, 15, lambda: f"stats: {dict(scraper.get_engine_stats())}")
+        assert len(scraper.get_pod_engine_stats()) == 2  # each pod scraped once
+    finally:
+        scraper.close()
