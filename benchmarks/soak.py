@@ -295,7 +295,7 @@ class Soak:
             "cache_slices": cache.sizes()["slices"],
             "cache_probes": cache.sizes()["probes"],
             "informer_known": len(d._services._known) + len(d._endpoints._known),
-            "prober_due": len(d._prober._targets),
+            "prober_targets": len(d._prober._targets),
             "scraper_pods": len(s._pods),
             "scraper_readings": len(s._readings),
             "api_history": len(cluster.api._history),
@@ -393,7 +393,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"get_*() reads during the run: {results['reads']}.", "",
             "## Over time", "",
             "| t s | threads (svcdisc) | fds | RSS MiB | Services / routable | pod infos | "
-            "cache slices / probes | informer keys | prober due | scraper pods / readings | "
+            "cache slices / probes | informer keys | prober targets | scraper pods / readings | "
             "API history | log records |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     samples = results["samples"]
     step = max(1, len(samples) // 20)
@@ -402,7 +402,7 @@ def markdown(results: dict[str, Any]) -> str:
         out.append(f"| {x['t']} | {x['threads']} ({x['svcdisc_threads']}) | {x['fds']} | "
                    f"{x['rss_mb']} | {x['services']} / {x['routable']} | {x['pod_infos']} | "
                    f"{x['cache_slices']} / {x['cache_probes']} | {x['informer_known']} | "
-                   f"{x['prober_due']} | {x['scraper_pods']} / {x['scraper_readings']} | "
+                   f"{x['prober_targets']} | {x['scraper_pods']} / {x['scraper_readings']} | "
                    f"{x['api_history']} | {x['log_records']} |")
     return "\n".join(out) + "\n"
 

@@ -172,6 +172,7 @@ class DiscoveryCache:
         started = time.perf_counter()
         moved: set[str] = set()  # pod URLs whose set of Services changed
         names: dict[str, str | None] = {}  # pod URL -> pod name, for the prober's logs
+        ranks: dict[str, int] = {}  # pod URL -> its lowest place among a Service's ready pods
         renamed: list[tuple[str, str | None, str | None]] = []  # (Service, old URL, new URL)
         now = time.time()
         for key in sorted(keys):  # a deterministic order for lists and logs
@@ -192,7 +193,9 @@ class DiscoveryCache:
             if self._check_names and (old.url if old is not None else None) != view.url:
                 renamed.append((key, old.url if old is not None else None, view.url))
             moved |= self._index(key, before, _ready_urls(view))
-            names.update((pod.url, pod.name) for pod in view.ready_pods)
+            for rank, pod in enumerate(view.ready_pods):
+                names[pod.url] = pod.name
+                ranks[pod.url] = min(rank, ranks.get(pod.url, rank))
             if view.routable:
                 self._added.setdefault(key, now)
             self._publisher.set_view(key, view)
@@ -202,7 +205,10 @@ class DiscoveryCache:
             self.snapshot = snapshot
         self._refresh_seconds += time.perf_counter() - started
         if moved or renamed:
-            self._tell_prober(moved, names, renamed)
+            # every Service's first pod before any Service's second: after a LIST of many
+            # Services each becomes routable after one probe, not after all of its pods'
+            order = sorted(moved, key=lambda url: (ranks.get(url, 0), url))
+            self._tell_prober(order, names, renamed)
 
     def _index(self, key: str, before: set[str], after: set[str]) -> set[str]:
         """Update which Services each ready pod belongs to; returns the pods that moved."""
@@ -216,11 +222,18 @@ class DiscoveryCache:
             self._services_of.setdefault(url, set()).add(key)
         return before ^ after
 
-    def _tell_prober(self, urls: set[str], names: dict[str, str | None],
+    def _tell_prober(self, urls: Sequence[str], names: dict[str, str | None],
                      renamed: Sequence[tuple[str, str | None, str | None]] = ()) -> None:
         targets: list[ProbeTarget] = []
         gone: list[str] = []
-        for key, old_url, new_url in renamed:
+        for url in urls:
+            services = self._services_of.get(url)
+            if services:
+                targets.append(ProbeTarget(url, names.get(url), tuple(sorted(services))))
+            else:
+                gone.append(url)
+                self._probes.pop(url, None)  # a pod that comes back is probed afresh
+        for key, old_url, new_url in renamed:  # after the pods: a name check never gates routing
             if old_url is not None and self._name_owner.get(old_url) == key:
                 del self._name_owner[old_url]
                 self._name_errors.pop(old_url, None)
@@ -228,13 +241,6 @@ class DiscoveryCache:
             if new_url is not None:
                 self._name_owner[new_url] = key
                 targets.append(ProbeTarget(new_url, None, (key,), kind="name"))
-        for url in sorted(urls):
-            services = self._services_of.get(url)
-            if services:
-                targets.append(ProbeTarget(url, names.get(url), tuple(sorted(services))))
-            else:
-                gone.append(url)
-                self._probes.pop(url, None)  # a pod that comes back is probed afresh
         if self._on_probe_needed is not None:
             try:
                 self._on_probe_needed(targets, gone)

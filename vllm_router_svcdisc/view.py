@@ -206,7 +206,7 @@ def service_models(ready: Sequence[PodEndpoint], probes: Mapping[str, ModelProbe
                     if pod.url in probes and not probes[pod.url].ok]
         if failures:
             return {}, (), f"model probe failed: {failures[0]}"
-        return {}, (), NOT_PROBED if not probed else "the engines serve no models"
+        return {}, (), NOT_PROBED if not probed else "the ready pods' engines serve no models"
     counts = Counter(model for models in served for model in models)
     common = [m for m, n in counts.items() if n == len(served)]
     chosen = (common or [m for m, n in counts.items() if 2 * n >= len(served)]

@@ -40,7 +40,10 @@ def test_sixty_second_soak_ends_flat_and_exact(tmp_path: Path) -> None:
     assert max(s["fds"] for s in warm) - min(s["fds"] for s in warm) <= FD_TOLERANCE
     # Caches follow the cluster, they do not pile up: nothing outlives its Service or pod.
     last = warm[-1]
-    assert last["prober_due"] <= last["services"] <= 100
+    # the prober checks each ready pod and each Service name: no more than those (the
+    # scraper's pod set, read in the same sample, may lag discovery by one 100 ms step)
+    assert last["prober_targets"] <= last["services"] + last["scraper_pods"] + 10
+    assert last["services"] <= 100
     assert last["scraper_readings"] <= last["scraper_pods"]
     assert results["end"]["converged"], results["end"]["mismatch"]
     assert results["read_errors"] == 0 and not results["end"]["crash_logs"]

@@ -216,7 +216,7 @@ def test_not_probed_and_failed_probes_give_reasons() -> None:
                       added=0).reason == "model probe failed: boom"
     empty = ModelProbe(ok=True, models={})
     assert build_view(record, slices, EveryPod(empty), config=ViewConfig(),
-                      added=0).reason == "the engines serve no models"
+                      added=0).reason == "the ready pods' engines serve no models"
 
 
 def _pods(n: int) -> list[PodEndpoint]:
