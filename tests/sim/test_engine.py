@@ -194,9 +194,12 @@ def test_health_completions_and_counts(engine: FakeEngine) -> None:
             assert r.json()["object"] == "text_completion"
     counts = engine.request_counts()
     assert counts["/v1/completions"] == 3 and counts["/health"] == 1
-    s2 = samples(engine.metrics_text().decode())
-    total = sum(v for _, v in s2["vllm:e2e_request_latency_seconds_count"])
-    assert total == 3
+
+    def latency_count() -> float:  # observed once the response is out: may trail the client
+        page = samples(engine.metrics_text().decode())
+        return sum(v for _, v in page["vllm:e2e_request_latency_seconds_count"])
+
+    assert wait_until(lambda: latency_count() == 3, timeout=5.0), latency_count()
     assert requests.get(engine.url + "/nope", timeout=5).status_code == 404
 
 
