@@ -125,11 +125,13 @@ class DiscoveryCache:
             for url, probe in results:
                 owner = self._name_owner.get(url)
                 if owner is not None:  # a Service name's DNS check
-                    if probe.ok:
-                        self._name_errors.pop(url, None)
-                    else:
-                        self._name_errors[url] = probe.reason or "does not resolve"
-                    touched.add(owner)
+                    error = None if probe.ok else (probe.reason or "does not resolve")
+                    if self._name_errors.get(url) != error:
+                        if error is None:
+                            del self._name_errors[url]
+                        else:
+                            self._name_errors[url] = error
+                        touched.add(owner)
                     continue
                 services = self._services_of.get(url)
                 if not services:
@@ -140,6 +142,8 @@ class DiscoveryCache:
                     # reach this once keeps the models it served until a probe says otherwise.
                     probe = replace(previous, reason=f"last probe failed ({probe.reason}); "
                                                      "keeping the models of the previous probe")
+                if previous is not None and _same_outcome(previous, probe):
+                    continue  # a periodic re-probe that changes nothing costs no rebuild
                 self._probes[url] = probe
                 if probe.ok:
                     self._ever_seen_models.update(probe.models)
@@ -259,6 +263,18 @@ class DiscoveryCache:
                      f"; {view.note}" if view.note else "")
         elif previous != "<new>" or view.service_port is None:
             log.info("service %s is not routable: %s", view.key, view.reason)
+
+
+def _same_outcome(before: ModelProbe, after: ModelProbe) -> bool:
+    """Whether a view would show the same: the same failure, or the same models (``created``
+    is the time of the answer in vLLM's cards, so it is not compared)."""
+    if before.ok != after.ok or before.reason != after.reason:
+        return False
+    return _signature(before) == _signature(after)
+
+
+def _signature(probe: ModelProbe) -> list[tuple[str, str | None, str | None, bool]]:
+    return sorted((m.id, m.parent, m.root, m.is_adapter) for m in probe.models.values())
 
 
 def _ready_urls(view: ServiceView | None) -> set[str]:

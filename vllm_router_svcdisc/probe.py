@@ -112,6 +112,7 @@ def resolve_name(url: str) -> ModelProbe:
                           reason=f"{parsed.host}: {exc.strerror or exc}")
     return ModelProbe(ok=True, time=time.monotonic())
 
+
 #: Results wait at most this long to be delivered with others (one publish per batch).
 BATCH_SECONDS = 0.05
 

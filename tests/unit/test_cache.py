@@ -168,3 +168,16 @@ def test_old_snapshots_never_change_and_behave_as_mappings(cache: Any) -> None:
     assert len(new.services) == 302 == len(dict(new.services.items()))
     assert sorted(i.url for i in new.pod_infos) == ["http://10.1.0.9:8000"]
     assert new.pod_infos is new.pod_infos  # built once, then a plain attribute
+
+
+def test_a_re_probe_that_changes_nothing_costs_no_publish(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    publishes = c.publish_stats()[0]
+    again = ModelProbe(ok=True, models={"m1": ModelInfo(id="m1", created=99),  # a new answer
+                                        "m2": ModelInfo(id="m2")}, time=5.0)
+    c.set_probes([(P1, again), (P2, probe("m1"))])
+    assert c.publish_stats()[0] == publishes
+    c.set_probes([(P2, probe("m1", "m3"))])  # a change: published
+    assert c.publish_stats()[0] == publishes + 1
+    assert c.snapshot.services["ns/one"].partial_models == ("m2", "m3")
