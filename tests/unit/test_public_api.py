@@ -1,4 +1,4 @@
-"""The public names of DESIGN.md's contract import from the package root, and nothing else."""
+"""The public names of the API contract import from the package root, and nothing else."""
 
 import vllm_router_svcdisc
 
