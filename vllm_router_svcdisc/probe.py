@@ -30,7 +30,7 @@ from .backoff import BackoffPolicy
 from .cache import ModelProbe, ProbeTarget
 from .http import EngineCallError, EnginePool, expect_ok, fetch
 from .types import ModelInfo
-from .workqueue import WorkQueue
+from .workqueue import WorkQueue, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class ModelProber:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._deliver_batches, name="svcdisc-prober",
                                         daemon=True)
-        self._workers = [threading.Thread(target=self._work, name=f"svcdisc-probe-{i}",
-                                          daemon=True) for i in range(self.config.workers)]
+        self._workers = worker_threads(self._queue, self._probe, count=self.config.workers,
+                                       name="svcdisc-probe")
         self.probes_total = 0
         self.failures_total = 0
 
@@ -187,15 +187,6 @@ class ModelProber:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- workers -------------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while (url := self._queue.get()) is not None:
-            try:
-                self._probe(url)
-            except Exception:  # a worker must never die
-                log.exception("model probe of %s crashed", url)
-            finally:
-                self._queue.done(url)
 
     def _probe(self, url: str) -> None:
         with self._cond:

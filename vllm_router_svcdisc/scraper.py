@@ -37,7 +37,7 @@ from .vllm_metrics import (
     parse_metrics,
     pod_stats,
 )
-from .workqueue import WorkQueue
+from .workqueue import WorkQueue, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ class EngineStatsScraper:
         self._last_cycle: float | None = None
         self._telemetry = ScrapeTelemetry()
         self._thread = threading.Thread(target=self._run, name="svcdisc-scraper", daemon=True)
-        self._workers = [threading.Thread(target=self._work, name=f"svcdisc-scrape-{i}",
-                                          daemon=True) for i in range(workers)]
+        self._workers = worker_threads(self._queue, self._scrape, count=workers,
+                                       name="svcdisc-scrape")
         self._thread.start()
         for worker in self._workers:
             worker.start()
@@ -332,15 +332,6 @@ class EngineStatsScraper:
                                         MappingProxyType(by_pod), now)
 
     # -- the workers -------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while (url := self._queue.get()) is not None:
-            try:
-                self._scrape(url)
-            except Exception:  # a worker must never die
-                log.exception("scraping %s crashed", url)
-            finally:
-                self._queue.done(url)
 
     def _scrape(self, url: str) -> None:
         with self._lock:

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from .backoff import Backoff, BackoffPolicy
 from .clock import SYSTEM_CLOCK, Clock
 
 K = TypeVar("K", bound=Hashable)
+
+log = logging.getLogger(__name__)
 
 #: A blocking ``get`` re-checks the clock at least this often (bounds every wait).
 _MAX_WAIT = 1.0
@@ -166,3 +169,20 @@ class WorkQueue(Generic[K]):
             if self._due.get(key) == due:  # else superseded by an earlier due
                 del self._due[key]
                 self._add(key)
+
+
+def worker_threads(queue: WorkQueue[K], handle: Callable[[K], None], *, count: int,
+                   name: str) -> list[threading.Thread]:
+    """``count`` daemon threads (not started) that hand each key to ``handle`` until ``queue``
+    shuts down; a key is always marked done, and a failing ``handle`` is logged, never fatal."""
+
+    def work() -> None:
+        while (key := queue.get()) is not None:
+            try:
+                handle(key)
+            except Exception:  # a worker must never die
+                log.exception("%s: processing %r failed", name, key)
+            finally:
+                queue.done(key)
+
+    return [threading.Thread(target=work, name=f"{name}-{i}", daemon=True) for i in range(count)]

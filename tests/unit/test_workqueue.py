@@ -9,7 +9,7 @@ import pytest
 
 from vllm_router_svcdisc.backoff import BackoffPolicy
 from vllm_router_svcdisc.clock import FakeClock
-from vllm_router_svcdisc.workqueue import WorkQueue
+from vllm_router_svcdisc.workqueue import WorkQueue, worker_threads
 
 POLICY = BackoffPolicy(initial=1.0, factor=2.0, jitter=0.0, cap=8.0, reset_after=1e9)
 
@@ -143,3 +143,32 @@ def test_random_operations_never_hand_a_key_to_two_workers_or_lose_one(queue, cl
         queue.done(key)
     clock.advance(10.0)
     assert owed <= set(drain(queue))
+
+
+def test_worker_threads_survive_a_failing_handler_and_mark_every_key_done() -> None:
+    queue: WorkQueue[str] = WorkQueue(backoff=POLICY)
+    calls: list[str] = []
+    handled = threading.Condition()
+
+    def handle(key: str) -> None:
+        with handled:
+            calls.append(key)
+            handled.notify_all()
+        if key == "boom":
+            raise RuntimeError("handler failed")
+
+    workers = worker_threads(queue, handle, count=2, name="test-worker")
+    for worker in workers:
+        worker.start()
+    queue.add("boom")
+    queue.add("a")
+    with handled:
+        assert handled.wait_for(lambda: sorted(calls) == ["a", "boom"], timeout=5.0)
+    queue.add("boom")  # done() ran although the handler raised: the key is processed again
+    with handled:
+        assert handled.wait_for(lambda: calls.count("boom") == 2, timeout=5.0)
+    queue.shut_down()
+    for worker in workers:
+        worker.join(5.0)
+    assert not any(w.is_alive() for w in workers)
+    assert [w.name for w in workers] == ["test-worker-0", "test-worker-1"]
