@@ -57,13 +57,13 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     if kubeconfig is None and context is None:
         try:
             k8s_config.load_incluster_config(client_configuration=configuration)
-            return k8s_client.ApiClient(configuration)
+            return _with_keepalive(k8s_client.ApiClient(configuration))
         except k8s_config.ConfigException as exc:
             errors.append(f"in-cluster: {exc}")
     try:
         k8s_config.load_kube_config(config_file=kubeconfig, context=context,
                                     client_configuration=configuration)
-        return k8s_client.ApiClient(configuration)
+        return _with_keepalive(k8s_client.ApiClient(configuration))
     except (k8s_config.ConfigException, OSError, TypeError) as exc:
         errors.append(f"kubeconfig: {exc}")
     raise DiscoveryConfigError("no Kubernetes configuration found (" + "; ".join(errors) + ")")
@@ -84,6 +84,16 @@ def keepalive_socket_options() -> list[tuple[int, int, int]]:
         if hasattr(socket, name):
             options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
     return options
+
+
+def _with_keepalive(client: Any) -> Any:
+    """Clients before 36 ignore ``Configuration.socket_options``: give the options to their
+    urllib3 pool manager directly (its pools are made at the first request)."""
+    pool_kw = getattr(getattr(getattr(client, "rest_client", None), "pool_manager", None),
+                      "connection_pool_kw", None)
+    if isinstance(pool_kw, dict):
+        pool_kw.setdefault("socket_options", keepalive_socket_options())
+    return client
 
 
 class _EndpointSource:
