@@ -47,8 +47,11 @@ def test_production_stack_wiring_calls_work_unchanged(cluster: SimCluster,
     assert compat.get_engine_stats_scraper() is scraper
     assert scraper.timeout == 1.0
     urls = sorted(f"http://{p.ip}:{p.engine.port}" for p in cluster.pods("alpha"))
+    # A pod is listed once its model probe answered, which may come after its first scrape:
+    # wait on each condition that is asserted, not on a neighbouring one.
+    wait_for(lambda: sorted(e.url for e in discovery.get_endpoint_info()) == urls,
+             message=lambda: f"pod view {[e.url for e in discovery.get_endpoint_info()]}")
     wait_for(lambda: sorted(scraper.get_engine_stats()) == urls, message="stats keyed by pod URL")
-    assert sorted(e.url for e in discovery.get_endpoint_info()) == urls
     discovery.add_sleep_label("alpha-0")  # production-stack's /sleep calls these
     discovery.remove_sleep_label("alpha-0")
 
