@@ -214,10 +214,10 @@ class Harness:
         threads: list[threading.Thread] = [
             t for t in (d._services._thread, d._endpoints._thread, d._prober._thread)
             if t is not None]
-        threads += d._prober._workers
+        threads += d._prober._poller.threads + d._liveness.poller.threads
         if self.scraper is not None:
             threads.append(self.scraper._thread)
-            threads += self.scraper._workers
+            threads += self.scraper._poller.threads
         return threads
 
     def assert_alive(self) -> None:
