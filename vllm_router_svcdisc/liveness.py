@@ -42,14 +42,19 @@ HEALTH_MAX_BYTES = 64 * 1024
 METRICS_MAX_BYTES = 8 * 1024 * 1024
 
 Verdicts = Callable[[dict[str, Verdict | None]], None]
+#: One exchange with a pod (URL, whether to read /metrics) that records its result in the
+#: book and says whether the pod answered: the real one does HTTP, unit tests script it.
+Exchange = Callable[[str, bool], bool]
 
 
 class Liveness:
     """Checks every ready pod, keeps :class:`HealthBook` records, reports verdict changes."""
 
     def __init__(self, book: HealthBook, config: OutlierConfig, on_verdicts: Verdicts, *,
-                 clock: Clock = SYSTEM_CLOCK, session: EnginePool | None = None) -> None:
+                 clock: Clock = SYSTEM_CLOCK, session: EnginePool | None = None,
+                 exchange: Exchange | None = None) -> None:
         self.config = config
+        self._exchange: Exchange = exchange or self._probe
         self.book = book
         self._on_verdicts = on_verdicts
         self.clock = clock
@@ -61,7 +66,6 @@ class Liveness:
                                   cap=config.liveness_interval, reset_after=float("inf")))
         self._lock = threading.Lock()  # guards _tracked, the counters and the cost estimate
         self._tracked: set[str] = set()
-        self._verdicts: dict[str, Verdict | None] = {}
         self._judging = threading.Lock()  # one judgement at a time: verdicts reach the cache
         #                                   in the order they were made
         self._pruned_at = clock.monotonic()
@@ -119,8 +123,6 @@ class Liveness:
             reason = str(found) if found is not None else None
             changed, _times = self.book.set_policy_state(url, ejected_reason=reason)
             if changed:
-                with self._lock:
-                    self._verdicts[url] = found
                 self._on_verdicts({url: found})
             return found
 
@@ -146,7 +148,7 @@ class Liveness:
         wants_progress = (record.progress_read_at is None
                           or now - record.progress_read_at >= self.config.progress_interval
                           or record.stuck_since is not None)
-        ok = self._probe(url, wants_progress)
+        ok = self._exchange(url, wants_progress)
         cost = time.thread_time() - started_cpu
         with self._lock:
             self.checks_total += 1
