@@ -41,7 +41,7 @@ class OutlierConfig:
     enabled: bool = True
     liveness_interval: float = 1.0   # each ready pod is checked this often (at least)
     connect_timeout: float = 0.5     # of a liveness check (a dead node answers no SYN)
-    read_timeout: float = 1.0        # of a liveness check, once connected
+    read_timeout: float = 0.5        # of a liveness check, once connected (slow != dead)
     connect_failures: int = 1        # consecutive refused / connect timeouts → ejected
     consecutive_5xx: int = 5         # consecutive 5xx (checks, scrapes, router outcomes)
     dead_after: float = 120.0        # connected but no answer at all for this long → ejected

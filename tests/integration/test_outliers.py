@@ -176,3 +176,63 @@ def test_a_readiness_blip_keeps_the_ejection_history(
     after = discovery.health_book.get(blip.engine.url)
     assert after is not None and after.times_ejected == 1
     assert after.departed_at is None
+
+
+# -- the simulator's failure modes: node death, wedged engine, slow /metrics ----------------
+
+
+def test_a_dead_nodes_pods_leave_the_pod_view_long_before_kubernetes_notices(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    discovery, pods = start(cluster, make_discovery, 3)  # one pod per node
+    node = pods[0].node_name
+    dead = cluster.kill_node(node)  # Kubernetes keeps them ready for its 50 s grace
+    assert [p.engine.url for p in dead] == [pods[0].engine.url]
+    wait_for(lambda: pod_view(discovery) == urls(pods[1:]), 10.0,
+             lambda: f"pod view {pod_view(discovery)}")
+    state, reason = states(discovery, "default/vllm-a")[pods[0].engine.url]
+    assert state == "ejected" and reason is not None and reason.startswith("connect_timeout")
+    assert len(discovery.get_service_status()["default/vllm-a"].ready_pods) == 3  # still ready
+
+    cluster.revive_node(node)
+    wait_for(lambda: pod_view(discovery) == urls(pods), 15.0,
+             lambda: f"pod view {pod_view(discovery)}")
+    assert states(discovery, "default/vllm-a")[pods[0].engine.url] == ("ok", None)
+
+
+def test_a_wedged_engine_is_ejected_as_wedged_and_a_busy_one_is_not(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    config = OutlierConfig(wedged_after=2.0, progress_interval=0.25)
+    discovery, pods = start(cluster, make_discovery, 3, outliers=config)
+    wedged, busy = pods[0], pods[1]
+    wedged.engine.running = busy.engine.running = 2  # both have requests running
+    wedged.engine.mode = EngineMode.WEDGED  # its token counters stop; everything answers 200
+    wait_for(lambda: pod_view(discovery) == urls(pods[1:]), 15.0,
+             lambda: f"{states(discovery, 'default/vllm-a')}")
+    state, reason = states(discovery, "default/vllm-a")[wedged.engine.url]
+    assert state == "ejected" and reason is not None and reason.startswith("wedged")
+    assert states(discovery, "default/vllm-a")[busy.engine.url] == ("ok", None)
+    assert discovery.outlier_stats()["ejections_by_reason"] == {"wedged": 1}
+
+    wedged.engine.mode = EngineMode.OK  # the engine recovers: its counters move again
+    wait_for(lambda: pod_view(discovery) == urls(pods), 15.0,
+             lambda: f"{states(discovery, 'default/vllm-a')}")
+
+
+def test_slow_metrics_is_not_death(cluster: SimCluster, make_discovery: Any) -> None:
+    discovery, pods = start(cluster, make_discovery, 2)
+    slow = pods[0]
+    scraper = EngineStatsScraper(discovery, scrape_interval=0.25, timeout=0.5, stale_after=30.0)
+    try:
+        wait_for(lambda: slow.engine.url in scraper.get_engine_stats(), 10.0, "no stats")
+        slow.engine.slow_delay = 60.0
+        slow.engine.mode = EngineMode.SLOW_METRICS  # /metrics late, completions served
+        timeouts = scraper.telemetry().failures.labels("timeout")
+        start_count = timeouts._value.get()
+        wait_for(lambda: timeouts._value.get() >= start_count + 4, 20.0,
+                 "the slow /metrics never timed out four times")
+        stats = scraper.get_engine_stats()[slow.engine.url]
+        assert stats.age_at(scraper.now()) > scraper.stale_age  # marked stale, with its age
+        assert pod_view(discovery) == urls(pods)
+        assert discovery.outlier_stats()["ejections_by_reason"] == {}
+    finally:
+        scraper.close()
