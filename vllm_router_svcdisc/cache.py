@@ -84,7 +84,7 @@ class DiscoveryCache:
         self._name_owner: dict[str, str] = {}  # Service URL -> its Service's key
         self._name_errors: dict[str, str] = {}  # Service URL -> why it did not resolve
         self._added: dict[str, float] = {}
-        self._publisher = SnapshotPublisher()
+        self._publisher = SnapshotPublisher(clock)
         self._ever_seen_models: set[str] = set()
         self._logged_reason: dict[str, str | None] = {}
         self._refresh_seconds = 0.0

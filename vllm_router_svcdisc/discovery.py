@@ -327,6 +327,10 @@ class K8sServiceDiscovery:
             book.failure(key, failure, f"router: {outcome.replace('_', ' ')}")
         return True
 
+    def now(self) -> float:
+        """The discovery's clock (informer, health and outlier timestamps are on it)."""
+        return self._clock.monotonic()
+
     def outlier_stats(self) -> dict[str, Any]:
         """Ejections so far by reason, pods ejected now, Services failing open now."""
         views = self._cache.snapshot.services.values()

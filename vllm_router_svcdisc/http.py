@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping
 
 import urllib3
@@ -26,6 +25,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from .clock import SYSTEM_CLOCK
 from .deadline import DeadlinePoolManager, RequestScope, deadline_scope
 
 
@@ -142,7 +142,7 @@ def fetch(
     trickling bytes (slow loris) cannot hold a worker longer than a silent one.
     """
     budget = timeout if isinstance(timeout, int | float) else sum(timeout)
-    deadline = time.monotonic() + budget
+    deadline = SYSTEM_CLOCK.monotonic() + budget  # sockets time out in real time
     # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
     request_headers = {"Accept-Encoding": "identity", **(headers or {})}
     with pool._request(deadline):
@@ -192,7 +192,7 @@ def _read_body(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: flo
                 raise EngineCallError(f"body exceeds the {max_bytes} byte cap",
                                       cause="oversize")
             chunks.append(chunk)
-            if time.monotonic() > deadline:
+            if SYSTEM_CLOCK.monotonic() > deadline:
                 response.close()
                 raise EngineCallError("timed out reading the body", cause="timeout",
                                       failure="read_timeout")

@@ -10,14 +10,17 @@ import logging
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.conftest import wait_for
+from vllm_router_svcdisc import cli
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
 from vllm_router_svcdisc.outliers import OutlierConfig
 from vllm_router_svcdisc.poller import Failure
 from vllm_router_svcdisc.scraper import EngineStatsScraper
 from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
 from vllm_router_svcdisc.sim.engine import EngineMode
+from vllm_router_svcdisc.telemetry import register_metrics
 
 
 def pod_view(discovery: K8sServiceDiscovery) -> set[str]:
@@ -221,3 +224,26 @@ def test_a_slow_engine_is_not_ejected_its_stats_go_stale(
         assert discovery.outlier_stats()["ejections_by_reason"] == {}
     finally:
         scraper.close()
+
+
+def test_ejections_show_in_self_metrics_and_the_cli_table(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    discovery, pods = start(cluster, make_discovery, 3)
+    registry = CollectorRegistry()
+    register_metrics(discovery, registry=registry)
+    for pod in pods[:2]:
+        pod.engine.mode = EngineMode.DOWN
+    wait_for(lambda: discovery.outlier_stats()["failing_open_services"] == 1, 10.0,
+             lambda: f"{discovery.outlier_stats()}")
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(f"vllm_svcdisc_{name}", labels)
+
+    assert sample("outlier_ejections_total", reason="refused") == 1.0
+    assert sample("outlier_ejected_pods") == 1.0
+    assert sample("outlier_fail_open_services") == 1.0
+    assert sample("outlier_fail_open_pods") == 1.0
+    (row,) = cli.service_rows(discovery, None)
+    assert len(row["ejected"]) == 1 and len(row["failing_open"]) == 1
+    (line,) = cli.render_table([row]).splitlines()[1:]
+    assert "ejected (refused" in line and "FAILING OPEN" in line
