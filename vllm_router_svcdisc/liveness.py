@@ -132,18 +132,24 @@ class Liveness:
         with self._lock:
             if url not in self._tracked:
                 return GONE
+        interval = self.interval
+        now = self.clock.monotonic()
+        peek = self.book.peek(url)
+        if peek is None:
+            return GONE
+        fresh = peek.last_result
+        if (peek.ejected_reason is None and peek.last_failure is None
+                and fresh is not None and now - fresh < interval):
+            # a fresher result came from elsewhere (a scrape, a probe, the router): skip, and
+            # judge only when a time-based rule (wedged, no answer) may have come due
+            with self._lock:
+                self.skipped_total += 1
+            if peek.stuck_since is not None:
+                self.evaluate(url)
+            return Step(True, after=fresh + interval - now)
         record = self.book.get(url)
         if record is None:
             return GONE
-        interval = self.interval
-        now = self.clock.monotonic()
-        fresh = record.last_result
-        if (record.ejected_reason is None and record.last_failure is None
-                and fresh is not None and now - fresh < interval):
-            with self._lock:
-                self.skipped_total += 1
-            self.evaluate(url)  # time-based rules (wedged, no answer) still move on
-            return Step(True, after=fresh + interval - now)
         started_cpu = time.thread_time()
         wants_progress = (record.progress_read_at is None
                           or now - record.progress_read_at >= self.config.progress_interval

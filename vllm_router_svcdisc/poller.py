@@ -266,10 +266,10 @@ class HealthBook:
         with self._lock:
             return list(self._pods)
 
-    def fresh_since(self, url: str) -> float | None:
-        """When ``url`` last gave any result (success or failure), None when never."""
-        record = self._pods.get(url)  # one read of a float: no lock needed
-        return record.last_result if record is not None else None
+    def peek(self, url: str) -> PodHealth | None:
+        """``url``'s live record, for a quick look without the lock or a copy (each field
+        read is atomic; a decision that needs a consistent record takes :meth:`get`)."""
+        return self._pods.get(url)
 
     def ensure(self, url: str) -> None:
         """Start (or resume, after a readiness blip) ``url``'s record."""
