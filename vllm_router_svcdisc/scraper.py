@@ -141,7 +141,8 @@ class EngineStatsScraper:
     the keyword arguments ``timeout``, ``stale_after`` (= ``ScrapeConfig.expire_after``),
     ``workers``, ``max_bytes``, ``attempts`` and ``keepalive_hosts`` override its fields, so
     production-stack's ``EngineStatsScraper(discovery, scrape_interval=...)`` works unchanged.
-    ``clock`` is the time every rule reads (sample times, TTLs, ages, the poller).  When the
+    ``clock`` is the time every rule reads (sample times, TTLs, ages, the poller); with
+    ``start=False`` no thread runs and :meth:`cycle` drives it (fake-clock tests).  When the
     discovery keeps health records (``health_book``), every scrape result feeds them, and a
     Service's figures leave out its pods ejected as outliers (``EngineStats.pods_ejected``).
 
@@ -166,6 +167,7 @@ class EngineStatsScraper:
         session: EnginePool | None = None,
         discovery_provider: Callable[[], Any] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        start: bool = True,
     ) -> None:
         overrides: dict[str, Any] = {name: value for name, value in (
             ("interval", scrape_interval), ("timeout", timeout), ("expire_after", stale_after),
@@ -207,8 +209,23 @@ class EngineStatsScraper:
         self._last_cycle: float | None = None
         self._telemetry = ScrapeTelemetry()
         self._thread = threading.Thread(target=self._run, name="svcdisc-scraper", daemon=True)
-        self._thread.start()
-        self._poller.start()
+        if start:
+            self.start()
+
+    def start(self) -> EngineStatsScraper:
+        """Start the threads (the constructor does, unless ``start=False``)."""
+        if not self._thread.is_alive():
+            self._thread.start()
+            self._poller.start()
+        return self
+
+    def cycle(self, *, everything: bool = True) -> None:
+        """One round in the caller's thread, for a scraper made with ``start=False`` (unit
+        tests on a fake clock): follow discovery, run every scrape due now, publish."""
+        discovery = self.discovery
+        self._follow(discovery.get_snapshot() if discovery is not None else None)
+        self._poller.run_ready()
+        self._publish(everything=everything)
 
     @property
     def stale_after(self) -> float:
@@ -269,7 +286,7 @@ class EngineStatsScraper:
         self._stop.set()
         self._session.close()
         self._poller.close(2.0)
-        if self._thread is not threading.current_thread():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - SYSTEM_CLOCK.monotonic()))
 
     def __enter__(self) -> EngineStatsScraper:

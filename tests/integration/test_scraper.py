@@ -287,41 +287,27 @@ def test_service_whose_pods_all_fail_is_absent(cluster: SimCluster, make_discove
 
 def test_silent_pod_keeps_last_stats_until_ttl(cluster: SimCluster, make_discovery: Any,
                                                make_scraper: MakeScraper) -> None:
-    stale_after = 1.6  # the stale mark (2 intervals + timeout = 1 s) shows for 2+ ticks
+    """Through real sockets: a pod that stops answering keeps its last figure, then drops out
+    of the figures and counts as failed (the timing of it: tests/unit/test_scraper_rules.py)."""
     cluster.add_service("vllm-ttl", replicas=2)
     alive, silent = cluster.pods("vllm-ttl")
     alive.engine.running, silent.engine.running = 1, 7
     # the TTL rule alone: with outlier detection the refused pod would leave the figures at once
     scraper = make_scraper(_discovery(make_discovery, cluster,
                                       outliers=OutlierConfig(enabled=False)),
-                           stale_after=stale_after)
+                           stale_after=1.6)
     url = cluster.url_of("vllm-ttl")
     _wait_service(scraper, url, lambda s: s.pods_scraped == 2 and s.num_running_requests == 8)
 
     silent.engine.mode = EngineMode.DOWN
     silent.engine.running = 99  # never seen: the engine no longer answers
-    _wait_service(scraper, url, lambda s: s.pods_failed == 1)
-    oldest_kept = 0.0
-    stale_seen = False
-    while True:  # until the silent pod drops out (bounded by wait_for below)
-        stats = _wait_service(scraper, url)
-        pod = stats.per_pod.get(silent.engine.url)
-        if pod is None:
-            break
-        age = pod.oldest_sample_age
-        assert pod.num_running_requests == 7  # the last good reading, kept
-        assert age < stale_after + 0.5, f"kept {age:.2f}s, past the TTL"
-        assert stats.pods_scraped == 2 and stats.num_running_requests == 8
-        oldest_kept = max(oldest_kept, age)
-        stale_seen = stale_seen or stats.pods_stale == 1
-        assert time.monotonic() < pod.sample_time + stale_after + 5, "never expired"
-        time.sleep(0.01)
-    assert oldest_kept > stale_after - 2 * INTERVAL - 0.2, f"dropped after {oldest_kept:.2f}s"
-    assert stale_seen, oldest_kept  # older than 2 intervals + timeout: counted as stale meanwhile
-    stats = _wait_service(scraper, url)
+    stats = _wait_service(scraper, url, lambda s: s.pods_failed == 1)
+    if silent.engine.url in stats.per_pod:  # still within the TTL: the last good reading
+        assert stats.per_pod[silent.engine.url].num_running_requests == 7
+        assert stats.num_running_requests == 8
+    stats = _wait_service(scraper, url, lambda s: silent.engine.url not in s.per_pod)
     assert set(stats.per_pod) == {alive.engine.url}
     assert (stats.pods_scraped, stats.pods_failed, stats.num_running_requests) == (1, 1, 1)
-
 
 def test_oversize_body_is_rejected(cluster: SimCluster, make_discovery: Any,
                                    make_scraper: MakeScraper,
