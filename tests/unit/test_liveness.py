@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+from tests.unit.driving import drive
 from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.liveness import Liveness
 from vllm_router_svcdisc.outliers import OutlierConfig, Reason, Verdict
@@ -52,21 +53,18 @@ def setup() -> tuple[Liveness, Pod, FakeClock, list[tuple[float, Verdict | None]
     return liveness, pod, clock, verdicts
 
 
-def drive(liveness: Liveness, clock: FakeClock, seconds: float,
-          until: Callable[[], bool] = lambda: False, step: float = 0.125) -> None:
-    end = clock.now + seconds
-    while clock.now < end and not until():
-        liveness.poller.run_ready()
-        clock.advance(step)
+def run(liveness: Liveness, clock: FakeClock, seconds: float,
+        until: Callable[[], bool] = lambda: False) -> None:
+    drive(clock, seconds, liveness.poller.run_ready, until=until)
 
 
 def test_a_dead_node_is_out_within_three_seconds_of_its_death() -> None:
     liveness, pod, clock, verdicts = setup()
-    drive(liveness, clock, 5.3)  # healthy for a while, checks every interval
+    run(liveness, clock, 5.3)  # healthy for a while, checks every interval
     assert not verdicts
     died = clock.now
     pod.state = "dead"
-    drive(liveness, clock, 10.0, until=lambda: bool(verdicts))
+    run(liveness, clock, 10.0, until=lambda: bool(verdicts))
     at, found = verdicts[0]
     assert found is not None and found.reason is Reason.CONNECT_TIMEOUT
     assert at - died <= 3.0
@@ -75,7 +73,7 @@ def test_a_dead_node_is_out_within_three_seconds_of_its_death() -> None:
 def test_checks_run_at_the_interval_and_read_metrics_every_progress_interval() -> None:
     liveness, pod, clock, _verdicts = setup()
     start = clock.now
-    drive(liveness, clock, 30.0)
+    run(liveness, clock, 30.0)
     times = [t - start for t, _ in pod.calls]
     assert len(times) == 30 and all(
         abs(b - a - 1.0) < 0.13 for a, b in itertools.pairwise(times))
@@ -85,27 +83,27 @@ def test_checks_run_at_the_interval_and_read_metrics_every_progress_interval() -
 
 def test_a_fresher_result_from_elsewhere_skips_the_check() -> None:
     liveness, pod, clock, _verdicts = setup()
-    drive(liveness, clock, 2.0)
+    run(liveness, clock, 2.0)
     checks = len(pod.calls)
     for _ in range(40):  # a scraper at 4 Hz: always fresher than the interval
         liveness.book.success(URL, tokens=float(len(pod.calls)), running=0.0)
-        drive(liveness, clock, 0.25)
+        run(liveness, clock, 0.25)
     assert len(pod.calls) == checks
     assert liveness.skipped_total >= 9
 
 
 def test_an_ejected_pod_is_rechecked_and_returns_once_it_answers() -> None:
     liveness, pod, clock, verdicts = setup()
-    drive(liveness, clock, 1.5)
+    run(liveness, clock, 1.5)
     pod.state = "dead"
-    drive(liveness, clock, 5.0, until=lambda: bool(verdicts))
+    run(liveness, clock, 5.0, until=lambda: bool(verdicts))
     ejected_at = clock.now
     calls = len(pod.calls)
-    drive(liveness, clock, 3.2)
+    run(liveness, clock, 3.2)
     # re-checked every base_ejection_time x times ejected (1 s) plus the check's own 1.5 s
     assert 1 <= len(pod.calls) - calls <= 2
     pod.state = "ok"
-    drive(liveness, clock, 5.0, until=lambda: verdicts[-1][1] is None)
+    run(liveness, clock, 5.0, until=lambda: verdicts[-1][1] is None)
     assert verdicts[-1][1] is None and clock.now - ejected_at < 6.0
     record = liveness.book.get(URL)
     assert record is not None and record.times_ejected == 1
@@ -115,27 +113,27 @@ def test_a_second_ejection_waits_longer_before_its_recheck() -> None:
     liveness, pod, clock, verdicts = setup()
     for _round in range(2):
         pod.state = "dead"
-        drive(liveness, clock, 5.0, until=lambda: bool(verdicts) and verdicts[-1][1] is not None)
+        run(liveness, clock, 5.0, until=lambda: bool(verdicts) and verdicts[-1][1] is not None)
         out = verdicts[-1][0]
         calls = len(pod.calls)
         pod.state = "ok"
-        drive(liveness, clock, 5.0, until=lambda n=calls: len(pod.calls) > n)
+        run(liveness, clock, 5.0, until=lambda n=calls: len(pod.calls) > n)
         gap = pod.calls[calls][0] - out
     assert 2.0 <= gap <= 2.125  # base x 2 (and the drive's step)
 
 
 def test_a_wedged_engine_is_ejected_after_the_window_and_returns_when_it_moves() -> None:
     liveness, pod, clock, verdicts = setup()
-    drive(liveness, clock, 12.0)
+    run(liveness, clock, 12.0)
     pod.state = "wedged"  # running 2, counters frozen
     wedged = clock.now
-    drive(liveness, clock, 120.0, until=lambda: bool(verdicts))
+    run(liveness, clock, 120.0, until=lambda: bool(verdicts))
     at, found = verdicts[0]
     assert found is not None and found.reason is Reason.WEDGED
     # noticed at the next /metrics reading after the window (readings every progress_interval)
     assert CONFIG.wedged_after <= at - wedged <= CONFIG.wedged_after + CONFIG.progress_interval
     pod.state = "ok"
-    drive(liveness, clock, 10.0, until=lambda: verdicts[-1][1] is None)
+    run(liveness, clock, 10.0, until=lambda: verdicts[-1][1] is None)
     assert verdicts[-1][1] is None
 
 
@@ -146,5 +144,5 @@ def test_nothing_is_checked_when_disabled() -> None:
     liveness = Liveness(book, OutlierConfig(enabled=False), lambda _changes: None, clock=clock,
                         exchange=pod.exchange)
     liveness.track([URL], [])
-    drive(liveness, clock, 5.0)
+    run(liveness, clock, 5.0)
     assert pod.calls == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.unit.driving import drive
 from vllm_router_svcdisc.backoff import BackoffPolicy
 from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.http import EngineCallError
@@ -42,12 +43,8 @@ def make(clock: FakeClock, script: Script, interval: float = 5.0) -> Poller[str]
     return Poller("test", script, interval=interval, workers=1, backoff=POLICY, clock=clock)
 
 
-def run_until(poller: Poller[str], clock: FakeClock, seconds: float, step: float = 0.25) -> None:
-    """Drive the poller in the test thread: run what is due, move the clock on."""
-    end = clock.now + seconds
-    while clock.now < end:
-        poller.run_ready()
-        clock.advance(step)
+def run_until(poller: Poller[str], clock: FakeClock, seconds: float) -> None:
+    drive(clock, seconds, poller.run_ready, step=0.25)
 
 
 def test_ok_runs_again_one_interval_after_the_run_started() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 from typing import Any
 
+from tests.unit.driving import drive
 from vllm_router_svcdisc.backoff import BackoffPolicy
 from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.http import EngineCallError
@@ -48,11 +49,8 @@ class Scripted(EngineStatsScraper):
         return sample(running)
 
 
-def run(scraper: Scripted, clock: FakeClock, seconds: float, step: float = 0.25) -> None:
-    end = clock.now + seconds
-    while clock.now < end:
-        scraper.cycle()
-        clock.advance(step)
+def run(scraper: Scripted, clock: FakeClock, seconds: float) -> None:
+    drive(clock, seconds, scraper.cycle, step=0.25)
 
 
 def test_pods_are_scraped_at_once_then_every_interval() -> None:
