@@ -122,6 +122,17 @@ def classify(exc: BaseException) -> str:
     return exc.__class__.__name__
 
 
+def router_outcome(outcome: str) -> str | int | None:
+    """What a router tells ``report_result`` about one of our outcomes (None: nothing)."""
+    if outcome in ("ok", "late"):
+        return "ok"  # answered (a late answer is slow, and slow alone is no failure)
+    if outcome.startswith("http_"):
+        return int(outcome[5:])
+    return {"connect_timeout": "connect_timeout", "read_timeout": "timeout",
+            "refused": "connect_error", "connect_error": "connect_error",
+            "reset": "connect_error"}.get(outcome)
+
+
 @dataclasses.dataclass
 class Sent:
     """One request: when it was sent, to which pod URL, how it ended, how long it took."""
@@ -230,15 +241,18 @@ class PodLoad:
             outcome = "late"
         sent.outcome = outcome
         if self.reporter is not None:
-            with contextlib.suppress(Exception):
-                self.reporter(sent.url, outcome)
+            report = router_outcome(outcome)
+            if report is not None:
+                with contextlib.suppress(Exception):
+                    self.reporter(sent.url, report)
 
 
 class ViewMonitor:
     """Samples the pod view every ``_SAMPLE`` s: when each watched URL left and came back, and
     the largest share of a Service's ready pods (Kubernetes' word: serving, not terminating)
-    missing from the pod view for ``_EJECTED_AFTER`` s or more (shorter gaps are a returning
-    pod's first model probe, or two reads a publish apart)."""
+    that are ejected: in state ``ejected`` where the Service's pods carry the policy's state,
+    else missing from the pod view for ``_EJECTED_AFTER`` s or more (shorter gaps are a
+    returning pod's first model probe, or two reads a publish apart)."""
 
     def __init__(self, discovery: K8sServiceDiscovery, max_seconds: float) -> None:
         self.discovery = discovery
@@ -337,8 +351,12 @@ class ViewMonitor:
                     continue
                 missing = ready - listed
                 missing_now |= missing
-                ejected = [u for u in missing
-                           if now - self._missing_since.setdefault(u, now) >= _EJECTED_AFTER]
+                if any(hasattr(p, "state") for p in view.pods):  # the policy says which
+                    ejected = [p.url for p in view.pods
+                               if p.url in ready and getattr(p, "state", "") == "ejected"]
+                else:
+                    ejected = [u for u in missing
+                               if now - self._missing_since.setdefault(u, now) >= _EJECTED_AFTER]
                 share = len(ejected) / len(ready)
                 if share > self.max_share:
                     self.max_share = share
@@ -363,7 +381,8 @@ class Case:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        budget = args.grace + args.after_grace + args.wedge_seconds + args.slow_seconds + 300
+        budget = (args.grace + args.after_grace + args.wedge_seconds + args.slow_seconds
+                  + args.readmit_timeout + 300)
         with self.cluster:
             for service, model in SERVICES:
                 self.cluster.add_service(service, replicas=REPLICAS, model=model)
@@ -595,7 +614,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="node grace period (--node-monitor-grace-period), s")
     parser.add_argument("--after-grace", type=float, default=3.0,
                         help="the node returns this long after the grace period, s")
-    parser.add_argument("--wedge-seconds", type=float, default=30.0)
+    parser.add_argument("--wedge-seconds", type=float, default=None,
+                        help="default: the policy's wedged_after + 2 progress intervals + 5 s "
+                             "(85 s with its defaults), 30 s without a policy")
     parser.add_argument("--slow-seconds", type=float, default=20.0)
     parser.add_argument("--crash-endpoint-delay", type=float, default=1.0)
     parser.add_argument("--crash-observe", type=float, default=4.0)
@@ -607,9 +628,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="do not feed request outcomes to discovery.report_result")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.wedge_seconds is None:
+        defaults = policy_settings(outlier_config_class())
+        window = defaults.get("wedged_after")
+        step = defaults.get("progress_interval") or 0.0
+        args.wedge_seconds = (float(window) + 2 * float(step) + 5.0
+                              if isinstance(window, int | float) else 30.0)
+        if args.quick:
+            args.wedge_seconds = 3.0
     if args.quick:
-        for name, value in (("grace", 2.0), ("after_grace", 1.0), ("wedge_seconds", 3.0),
-                            ("slow_seconds", 3.0), ("crash_observe", 2.0), ("warmup", 1.0),
+        for name, value in (("grace", 2.0), ("after_grace", 1.0), ("slow_seconds", 3.0), ("crash_observe", 2.0), ("warmup", 1.0),
                             ("after_recovery", 0.5), ("readmit_timeout", 10.0),
                             ("rate", 40.0), ("workers", 64)):
             if getattr(args, name) == parser.get_default(name):
