@@ -637,9 +637,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.quick:
             args.wedge_seconds = 3.0
     if args.quick:
-        for name, value in (("grace", 2.0), ("after_grace", 1.0), ("slow_seconds", 3.0), ("crash_observe", 2.0), ("warmup", 1.0),
-                            ("after_recovery", 0.5), ("readmit_timeout", 10.0),
-                            ("rate", 40.0), ("workers", 64)):
+        for name, value in (("grace", 2.0), ("after_grace", 1.0), ("slow_seconds", 3.0),
+                            ("crash_observe", 2.0), ("warmup", 1.0), ("after_recovery", 0.5),
+                            ("readmit_timeout", 10.0), ("rate", 40.0), ("workers", 64)):
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
     return args
