@@ -63,6 +63,7 @@ CASES = ("node", "wedged", "slow", "crash")
 POLICIES = ("without", "with")
 DEAD_NODE = "sim-node-1"
 _SAMPLE = 0.02  # seconds between two samples of the pod view
+_MAX_CHANGES = 200  # pod view changes of the bad pods kept in the results
 _EJECTED_AFTER = 0.5  # a ready pod missing from the pod view this long counts as ejected
 _BODY = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
 
@@ -311,6 +312,13 @@ class ViewMonitor:
                 return t
         return None
 
+    def changes_of(self, urls: Sequence[str], since: float,
+                   until: float) -> list[tuple[float, str, bool]]:
+        """(time, url, now in the pod view) changes of ``urls`` within [since, until]."""
+        wanted = set(urls)
+        with self._lock:
+            return [c for c in self.changes if c[1] in wanted and since <= c[0] <= until]
+
     def exits(self, url: str, since: float, until: float) -> list[tuple[float, float]]:
         """(left, came back or ``until``) spans of ``url`` outside the pod view."""
         with self._lock:
@@ -528,6 +536,8 @@ class Case:
         # still receiving: the last one came within 3 round-robin turns of the fault's end
         turns = 3.0 * len(SERVICES) * REPLICAS / (self.args.rate * max(1, len(bad)))
         out_at = monitor.first_all(urls, t0, fault_end, present=False)
+        changes = monitor.changes_of(urls, t0, end)
+        returns = sum(1 for t, _, present in changes if present and t < fault_end)
         return {
             "requests": len(records),
             "ok": sum(1 for r in records if r.outcome == "ok"),
@@ -540,6 +550,9 @@ class Case:
             "bad_pods_still_receiving_at_fault_end": (last_bad is not None
                                                       and quiet < max(0.5, turns)),
             "bad_pods_out_of_pod_view_s": None if out_at is None else round(out_at - t0, 3),
+            "bad_pods_back_in_view_during_fault": returns,
+            "bad_pods_view_changes": [(round(t - t0, 3), url, present)
+                                      for t, url, present in changes[:_MAX_CHANGES]],
             "max_ejected_share": round(monitor.max_share, 3),
             "max_ejected_detail": monitor.max_share_detail,
             "observed_s": round(end - t0, 3),
@@ -561,6 +574,11 @@ def _fmt(value: Any, unit: str = "") -> str:
     if isinstance(value, float):
         return f"{value:g}{unit}"
     return f"{value}{unit}"
+
+
+def _returns(result: dict[str, Any]) -> str:
+    back = result.get("bad_pods_back_in_view_during_fault", 0)
+    return f" (back in the view {back} times before the fault ended)" if back else ""
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -591,7 +609,7 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(
                 f"| {case} | {policy} | {r['requests']} | {r['failed_or_hung']} ({causes}) | "
                 f"{r['to_bad_pods']} ({r['to_bad_pods_failed']}) | {last} | "
-                f"{_fmt(r['bad_pods_out_of_pod_view_s'])} | "
+                f"{_fmt(r['bad_pods_out_of_pod_view_s'])}{_returns(r)} | "
                 f"{_fmt(r.get('readmitted_after_recovery_s'))} | {slow} | "
                 f"{_fmt(r['max_ejected_share'])} |")
     return "\n".join(out) + "\n"
