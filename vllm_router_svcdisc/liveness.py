@@ -93,14 +93,18 @@ class Liveness:
         for url in gone:
             self.book.depart(url)
             self.poller.forget(url)
-        now = self.clock.monotonic()
-        if gone and now - self._pruned_at >= 1.0:  # bounded: at most one sweep a second
-            self._pruned_at = now
-            self.book.prune(self.config.blip_window)
+        self._prune()
         for url in ready:
             self.book.ensure(url)
             if self.config.enabled:
                 self.poller.add(url)
+
+    def _prune(self) -> None:
+        """Forget records departed longer than the blip window ago (one sweep a second)."""
+        now = self.clock.monotonic()
+        if now - self._pruned_at >= 1.0:
+            self._pruned_at = now
+            self.book.prune(self.config.blip_window)
 
     @property
     def interval(self) -> float:
@@ -129,6 +133,7 @@ class Liveness:
     # -- one check ---------------------------------------------------------------------------
 
     def _check(self, url: str) -> Step:
+        self._prune()
         with self._lock:
             if url not in self._tracked:
                 return GONE
