@@ -298,6 +298,7 @@ class Soak:
             "cache_probes": cache.sizes()["probes"],
             "informer_known": len(d._services._known) + len(d._endpoints._known),
             "prober_targets": len(d._prober._targets),
+            "health_records": len(d.health_book),  # ready pods + those departed < blip window
             "scraper_pods": len(s._pods),
             "scraper_readings": len(s._readings),
             "api_history": len(cluster.api._history),

@@ -190,7 +190,8 @@ class DiscoveryCache:
         """How many records each part holds (soak and leak checks)."""
         with self._lock:
             return {**self._store.counts(), "probes": len(self._probes), "added": len(self._added),
-                    "logged_reasons": len(self._logged_reason)}
+                    "logged_reasons": len(self._logged_reason),
+                    "departed": len(self._departed), "candidates": len(self._candidates)}
 
     def publish_stats(self) -> tuple[int, float]:
         """(publishes, seconds spent rebuilding views and publishing) since start."""
