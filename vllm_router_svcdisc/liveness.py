@@ -195,6 +195,9 @@ class Liveness:
                 if refused is not None:
                     self.book.failure(url, refused[0], f"{exc.reason}, then {refused[1]}")
                     return False
+                # the kernel accepted a fresh connection: alive, only slow
+                self.book.failure(url, Failure.READ_TIMEOUT, exc.reason, reachable=True)
+                return False
             self.book.error(url, exc)
         return False
 

@@ -90,10 +90,14 @@ def verdict(record: PodHealth, config: OutlierConfig, now: float) -> Verdict | N
     if not config.enabled:
         return None
     connect = record.consecutive(CONNECT_FAILURES)
-    if connect >= config.connect_failures and record.last_failure in CONNECT_FAILURES:
-        reason = (Reason.REFUSED if record.last_failure is Failure.REFUSED
+    # a read timeout after the connect failure proves nothing (a connection opened before the
+    # node died times out too); only an answer or an accepted connection clears it
+    reached = (record.reachable_at is not None and record.last_connect_failure is not None
+               and record.reachable_at >= record.last_connect_failure)
+    if connect >= config.connect_failures and not reached:
+        reason = (Reason.REFUSED if record.connect_failure is Failure.REFUSED
                   else Reason.CONNECT_TIMEOUT)
-        return Verdict(reason, f"cannot connect ({record.last_reason or reason.value})")
+        return Verdict(reason, f"cannot connect ({record.connect_reason or reason.value})")
     errors = record.failures.get(Failure.HTTP_5XX, 0)
     if errors >= config.consecutive_5xx:
         return Verdict(Reason.HTTP_5XX, f"{errors} consecutive 5xx answers")

@@ -180,6 +180,7 @@ class Failure(enum.StrEnum):
 
 
 CONNECT_FAILURES = frozenset({Failure.REFUSED, Failure.CONNECT_TIMEOUT})
+ANSWERS = frozenset({Failure.HTTP_5XX, Failure.BAD_ANSWER})  # failures that still answered
 
 
 def classify(error: EngineCallError) -> Failure:
@@ -205,11 +206,18 @@ class PodHealth:
     ``vllm:prompt_tokens_total + vllm:generation_tokens_total`` (None: the page has neither),
     ``running`` the last ``vllm:num_requests_running``, ``stuck_since`` when requests started
     running without the counters moving (None while they move or nothing runs).
+    ``reachable_at`` is the last proof that the pod can be reached — any answer (a success, a
+    5xx, a wrong answer) or a connection accepted — as opposed to a read timeout alone, which
+    may come from a connection opened before the node died.
     """
 
     url: str
     last_success: float | None = None
     last_result: float | None = None
+    reachable_at: float | None = None  # last proof it is reachable: an answer, a connect
+    last_connect_failure: float | None = None
+    connect_failure: Failure | None = None  # the class of that last connect failure
+    connect_reason: str | None = None
     failing_since: float | None = None
     failures: dict[Failure, int] = field(default_factory=dict)
     last_failure: Failure | None = None
@@ -305,7 +313,7 @@ class HealthBook:
 
         def apply(record: PodHealth, now: float) -> bool:
             changed = bool(record.failures)
-            record.last_success = record.last_result = now
+            record.last_success = record.last_result = record.reachable_at = now
             record.failing_since = None
             record.failures.clear()
             record.last_failure = None
@@ -317,11 +325,19 @@ class HealthBook:
         self._update(url, at, apply)
 
     def failure(self, url: str, failure: Failure, reason: str, *,
-                at: float | None = None) -> None:
-        """An exchange with ``url`` failed with ``failure``."""
+                at: float | None = None, reachable: bool | None = None) -> None:
+        """An exchange with ``url`` failed with ``failure``; ``reachable``: whether it proved
+        the pod reachable (default: an answer did, a timeout or a connect failure did not)."""
+        proof = failure in ANSWERS if reachable is None else reachable
 
         def apply(record: PodHealth, now: float) -> bool:
             record.last_result = now
+            if proof:
+                record.reachable_at = now
+            if failure in CONNECT_FAILURES:
+                record.last_connect_failure = now
+                record.connect_failure = failure
+                record.connect_reason = reason
             if record.failing_since is None:
                 record.failing_since = now
             record.failures[failure] = record.failures.get(failure, 0) + 1

@@ -146,3 +146,15 @@ def test_nothing_is_checked_when_disabled() -> None:
     liveness.track([URL], [])
     run(liveness, clock, 5.0)
     assert pod.calls == []
+
+
+def test_timeouts_on_old_connections_do_not_bring_a_dead_pod_back() -> None:
+    liveness, pod, clock, verdicts = setup()
+    run(liveness, clock, 1.5)
+    pod.state = "dead"
+    run(liveness, clock, 5.0, until=lambda: bool(verdicts))
+    # requests a router sent before the ejection time out on their old connections
+    for _ in range(3):
+        liveness.book.failure(URL, Failure.READ_TIMEOUT, "router: timeout")
+        clock.advance(0.1)
+    assert len(verdicts) == 1 and verdicts[-1][1] is not None

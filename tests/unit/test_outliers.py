@@ -30,13 +30,26 @@ def record(**fields: object) -> PodHealth:
 @pytest.mark.parametrize(("name", "health", "expected"), [
     ("healthy", record(), None),
     ("refused once", record(failures={Failure.REFUSED: 1}, last_failure=Failure.REFUSED,
+                            connect_failure=Failure.REFUSED, last_connect_failure=NOW - 1,
                             failing_since=NOW - 1), Reason.REFUSED),
     ("connect timeout once", record(failures={Failure.CONNECT_TIMEOUT: 1},
-                                    last_failure=Failure.CONNECT_TIMEOUT, failing_since=NOW - 1),
+                                    last_failure=Failure.CONNECT_TIMEOUT,
+                                    connect_failure=Failure.CONNECT_TIMEOUT,
+                                    last_connect_failure=NOW - 1, failing_since=NOW - 1),
      Reason.CONNECT_TIMEOUT),
-    ("connect failure, then a read timeout (connected again)",
+    ("connect timeout, then a read timeout on a connection opened before (proves nothing)",
+     record(failures={Failure.CONNECT_TIMEOUT: 1, Failure.READ_TIMEOUT: 1},
+            last_failure=Failure.READ_TIMEOUT, connect_failure=Failure.CONNECT_TIMEOUT,
+            last_connect_failure=NOW - 2, reachable_at=NOW - 5, failing_since=NOW - 2),
+     Reason.CONNECT_TIMEOUT),
+    ("connect failure, then a connection accepted (slow, but reachable again)",
      record(failures={Failure.REFUSED: 1, Failure.READ_TIMEOUT: 1},
-            last_failure=Failure.READ_TIMEOUT, failing_since=NOW - 2), None),
+            last_failure=Failure.READ_TIMEOUT, connect_failure=Failure.REFUSED,
+            last_connect_failure=NOW - 2, reachable_at=NOW - 1, failing_since=NOW - 2), None),
+    ("connect failure, then a 5xx answer", record(
+        failures={Failure.REFUSED: 1, Failure.HTTP_5XX: 1}, last_failure=Failure.HTTP_5XX,
+        connect_failure=Failure.REFUSED, last_connect_failure=NOW - 2, reachable_at=NOW - 1,
+        failing_since=NOW - 2), None),
     ("slow for a minute", record(failures={Failure.READ_TIMEOUT: 60},
                                  last_failure=Failure.READ_TIMEOUT, failing_since=NOW - 60),
      None),
@@ -60,7 +73,8 @@ def test_verdicts(name: str, health: PodHealth, expected: Reason | None) -> None
 
 
 def test_disabled_policy_never_ejects() -> None:
-    dead = record(failures={Failure.REFUSED: 9}, last_failure=Failure.REFUSED)
+    dead = record(failures={Failure.REFUSED: 9}, last_failure=Failure.REFUSED,
+                  connect_failure=Failure.REFUSED, last_connect_failure=NOW)
     assert verdict(dead, OutlierConfig(enabled=False), NOW) is None
 
 

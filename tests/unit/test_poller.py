@@ -212,3 +212,21 @@ def test_a_departed_record_is_kept_for_the_blip_window_then_pruned() -> None:
     book.depart(URL)
     clock.advance(30)
     assert book.prune(30.0) == [URL] and URL not in book
+
+
+def test_only_an_answer_or_an_accepted_connection_proves_a_pod_reachable() -> None:
+    book, clock, _changes = book_with()
+    book.failure(URL, Failure.CONNECT_TIMEOUT, "connect timed out")
+    record = book.get(URL)
+    assert record is not None and record.reachable_at is None
+    assert (record.last_connect_failure, record.connect_failure) == (1000.0,
+                                                                     Failure.CONNECT_TIMEOUT)
+    clock.advance(1)
+    book.failure(URL, Failure.READ_TIMEOUT, "timed out")  # e.g. on a connection opened before
+    assert (book.get(URL) or record).reachable_at is None
+    clock.advance(1)
+    book.failure(URL, Failure.READ_TIMEOUT, "timed out", reachable=True)  # a connect accepted
+    assert (book.get(URL) or record).reachable_at == 1002.0
+    clock.advance(1)
+    book.failure(URL, Failure.HTTP_5XX, "HTTP 503")  # an answer
+    assert (book.get(URL) or record).reachable_at == 1003.0
