@@ -172,12 +172,9 @@ class Liveness:
 
     def _probe(self, url: str, progress: bool) -> bool:
         """One exchange with ``url``, recorded in the book; True when it answered."""
-        config = self.config
         path = "/metrics" if progress else "/health"
         try:
-            status, body = fetch(self._session, url + path,
-                                 timeout=(config.connect_timeout, config.read_timeout),
-                                 max_bytes=METRICS_MAX_BYTES if progress else HEALTH_MAX_BYTES)
+            status, body = self._get(url + path, progress)
             expect_ok(status, path)
             if progress:
                 tokens, running = parse_progress(body)
@@ -200,6 +197,19 @@ class Liveness:
                 return False
             self.book.error(url, exc)
         return False
+
+    def _get(self, url: str, progress: bool) -> tuple[int, bytes]:
+        """The GET, once more on a fresh connection when a kept one was reset or closed under
+        it (the keep-alive race with an engine closing idle connections is no failure); a
+        refused connection is not retried: that is the crash it looks like."""
+        timeout = (self.config.connect_timeout, self.config.read_timeout)
+        limit = METRICS_MAX_BYTES if progress else HEALTH_MAX_BYTES
+        try:
+            return fetch(self._session, url, timeout=timeout, max_bytes=limit)
+        except EngineCallError as exc:
+            if exc.failure != "refused" or exc.reason == "connection refused":
+                raise
+        return fetch(self._session, url, timeout=timeout, max_bytes=limit)
 
     def _cannot_connect(self, url: str) -> tuple[Failure, str] | None:
         """A bare TCP connect to ``url``'s host: None when it is accepted (the engine is alive
