@@ -66,6 +66,7 @@ class Liveness:
                                   cap=config.liveness_interval, reset_after=float("inf")))
         self._lock = threading.Lock()  # guards _tracked, the counters and the cost estimate
         self._tracked: set[str] = set()
+        self._departed: list[str] = []  # their idle connections are closed by the next check
         self._judging = threading.Lock()  # one judgement at a time: verdicts reach the cache
         #                                   in the order they were made
         self._pruned_at = clock.monotonic()
@@ -90,6 +91,8 @@ class Liveness:
         with self._lock:
             self._tracked.update(ready)
             self._tracked.difference_update(gone)
+            if self.config.enabled:  # else no check runs and nothing was connected
+                self._departed.extend(gone)
         for url in gone:
             self.book.depart(url)
             self.poller.forget(url)
@@ -135,8 +138,12 @@ class Liveness:
     def _check(self, url: str) -> Step:
         self._prune()
         with self._lock:
-            if url not in self._tracked:
-                return GONE
+            departed, self._departed = self._departed, []
+            tracked = url in self._tracked
+        if departed:  # not under the cache's lock (track runs there): here, on a worker
+            self._session.drop_hosts(departed)
+        if not tracked:
+            return GONE
         interval = self.interval
         now = self.clock.monotonic()
         peek = self.book.peek(url)
