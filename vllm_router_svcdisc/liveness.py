@@ -33,7 +33,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .http import EngineCallError, EnginePool, expect_ok, fetch
 from .outliers import OutlierConfig, Verdict, decayed_times, liveness_interval, recheck_delay
 from .outliers import verdict as judge
-from .poller import FAILED, GONE, OK, Failure, HealthBook, Poller, Step
+from .poller import FAILED, GONE, Failure, HealthBook, Poller, Step
 from .vllm_metrics import MetricsParseError, parse_progress
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ class Liveness:
 
     def __init__(self, book: HealthBook, config: OutlierConfig, on_verdicts: Verdicts, *,
                  clock: Clock = SYSTEM_CLOCK, session: EnginePool | None = None,
-                 exchange: Exchange | None = None) -> None:
+                 exchange: Exchange | None = None,
+                 cpu_time: Callable[[], float] = time.thread_time) -> None:
         self.config = config
+        self._cpu_time = cpu_time  # CPU seconds of the calling thread (what a check costs)
         self._exchange: Exchange = exchange or self._probe
         self.book = book
         self._on_verdicts = on_verdicts
@@ -162,12 +164,12 @@ class Liveness:
         record = self.book.get(url)
         if record is None:
             return GONE
-        started_cpu = time.thread_time()
+        started_cpu = self._cpu_time()
         wants_progress = (record.progress_read_at is None
                           or now - record.progress_read_at >= self.config.progress_interval
                           or record.stuck_since is not None)
         ok = self._exchange(url, wants_progress)
-        cost = time.thread_time() - started_cpu
+        cost = self._cpu_time() - started_cpu
         with self._lock:
             self.checks_total += 1
             self.cost_per_check += 0.05 * (cost - self.cost_per_check)
@@ -175,7 +177,9 @@ class Liveness:
         if found is not None:
             times = (self.book.get(url) or record).times_ejected
             return Step(ok, after=recheck_delay(times, self.config))
-        return OK if ok else FAILED
+        if ok:  # next check one (possibly stretched) interval after this one started
+            return Step(True, after=now + interval - self.clock.monotonic())
+        return FAILED
 
     def _probe(self, url: str, progress: bool) -> bool:
         """One exchange with ``url``, recorded in the book; True when it answered."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import pytest
+
 from tests.unit.driving import drive
 from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.liveness import Liveness
@@ -158,3 +160,28 @@ def test_timeouts_on_old_connections_do_not_bring_a_dead_pod_back() -> None:
         liveness.book.failure(URL, Failure.READ_TIMEOUT, "router: timeout")
         clock.advance(0.1)
     assert len(verdicts) == 1 and verdicts[-1][1] is not None
+
+
+def test_the_interval_stretches_so_checks_stay_within_the_cpu_budget() -> None:
+    clock = FakeClock()
+    book = HealthBook(clock)
+    pods = [f"http://127.0.0.{i}:8000" for i in range(1, 11)]
+    calls: list[tuple[float, str]] = []
+    spent = [0.0]
+
+    def exchange(url: str, progress: bool) -> bool:
+        calls.append((clock.now, url))
+        spent[0] += 0.01  # every check costs 10 ms of CPU
+        book.success(url, tokens=1.0 if progress else None, running=0.0 if progress else None)
+        return True
+
+    config = OutlierConfig(cpu_budget=0.05)  # 10 pods x 10 ms / 0.05 = 2 s
+    liveness = Liveness(book, config, lambda _changes: None, clock=clock, exchange=exchange,
+                        cpu_time=lambda: spent[0])
+    liveness.cost_per_check = 0.01
+    liveness.track(pods, [])
+    run(liveness, clock, 20.0)
+    assert liveness.interval == pytest.approx(2.0)
+    gaps = [b - a for a, b in itertools.pairwise(t for t, url in calls if url == pods[0])]
+    assert gaps and all(1.99 <= gap <= 2.13 for gap in gaps), gaps
+    assert len(calls) / 20.0 * 0.01 <= config.cpu_budget * 1.05  # within the budget
