@@ -30,6 +30,37 @@ def progress(message: str) -> None:
     sys.stderr.flush()
 
 
+def wait_or_raise(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 10 ms; RuntimeError "timed out waiting for <what>" at the end."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def run_meta(args: Any, setup: str) -> dict[str, Any]:
+    """The ``meta`` block of a results file: when, where, what, with which arguments."""
+    import datetime
+    import platform
+    from pathlib import Path
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(terse=True), "setup": setup,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def write_results(output_dir: Any, name: str, results: dict[str, Any], text: str) -> None:
+    """``<name>.json`` and ``<name>.md`` in ``output_dir``; the Markdown also on stdout."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output_dir / f"{name}.md").write_text(text)
+    sys.stdout.write(text)
+
+
 def summarize(values: Sequence[float], scale: float = 1.0) -> dict[str, Any]:
     """count / p50 / p99 / max of ``values`` (multiplied by ``scale``), None when empty."""
     if not values:

@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import INFORMER, PROBE, LoadGenerator, progress, routable_ips
+from benchmarks._common import (
+    INFORMER,
+    PROBE,
+    LoadGenerator,
+    progress,
+    routable_ips,
+    run_meta,
+    wait_or_raise,
+    write_results,
+)
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
 from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
 
@@ -37,14 +41,6 @@ SERVICE = "llama"
 KEY = f"default/{SERVICE}"
 MODES = ("service", "pod")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _completions(pod: SimPod) -> int:
@@ -75,8 +71,8 @@ def rollout(cluster: SimCluster, discovery: K8sServiceDiscovery, args: argparse.
     for old in list(_ready(cluster)):
         cluster.terminate_pod(old, pre_stop=args.pre_stop)
         new = cluster.add_pod(SERVICE)
-        _wait(lambda new=new: new.ip in routable_ips(discovery.get_snapshot(), KEY), 15.0,
-              "the replacement to be routable")
+        wait_or_raise(lambda new=new: new.ip in routable_ips(discovery.get_snapshot(), KEY),
+                      15.0, "the replacement to be routable")
         time.sleep(args.pre_stop + args.grace)
         cluster.finish_termination(old)
 
@@ -89,8 +85,9 @@ def run_arm(routing: str, args: argparse.Namespace) -> dict[str, Any]:
                                         informer_config=INFORMER, probe_config=PROBE)
         load: LoadGenerator | None = None
         try:
-            _wait(lambda: len(routable_ips(discovery.get_snapshot(), KEY)) == args.replicas,
-                  20.0, "the Service to be routable")
+            wait_or_raise(
+                lambda: len(routable_ips(discovery.get_snapshot(), KEY)) == args.replicas,
+                20.0, "the Service to be routable")
             load = LoadGenerator(discovery, clients=args.clients, rate=args.rate,
                                  max_seconds=10 * args.window + 120).start()
             time.sleep(args.warmup)
@@ -101,8 +98,9 @@ def run_arm(routing: str, args: argparse.Namespace) -> dict[str, Any]:
             result["after_rollout"] = measure_window(cluster, args.window)
             progress(f"{routing}: after rollout {result['after_rollout']}")
             cluster.scale(SERVICE, args.scale_to)
-            _wait(lambda: len(routable_ips(discovery.get_snapshot(), KEY)) == args.scale_to,
-                  15.0, "the scaled-up pods to be routable")
+            wait_or_raise(
+                lambda: len(routable_ips(discovery.get_snapshot(), KEY)) == args.scale_to,
+                15.0, "the scaled-up pods to be routable")
             result["after_scale_up"] = measure_window(cluster, args.window)
             progress(f"{routing}: after scale-up {result['after_scale_up']}")
             load.stop()
@@ -162,17 +160,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: dict[str, Any] = {"meta": {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(), "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-        "setup": (f"One ClusterIP Service, {args.replicas} pods (in-process engines, mini "
-                  f"kube-proxy balancing connections round-robin), {args.clients} keep-alive "
-                  f"client threads at {args.rate:g} req/s total; rolling restart with a "
-                  f"{args.pre_stop:g} s preStop; scale-up to {args.scale_to}; "
-                  f"{args.window:g} s per measurement window."),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }, "arms": {}}
+    results: dict[str, Any] = {"meta": run_meta(args, (
+        f"One ClusterIP Service, {args.replicas} pods (in-process engines, mini "
+        f"kube-proxy balancing connections round-robin), {args.clients} keep-alive "
+        f"client threads at {args.rate:g} req/s total; rolling restart with a "
+        f"{args.pre_stop:g} s preStop; scale-up to {args.scale_to}; "
+        f"{args.window:g} s per measurement window.")), "arms": {}}
     exit_code = 0
     for routing in MODES:
         progress(f"arm {routing}")
@@ -181,11 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report it, run the other arm
             exit_code = 1
             results["arms"][routing] = {"error": f"{exc.__class__.__name__}: {exc}"}
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "balance.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    (args.output_dir / "balance.md").write_text(text)
-    sys.stdout.write(text)
+    write_results(args.output_dir, "balance", results, markdown(results))
     return exit_code
 
 

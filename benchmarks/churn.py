@@ -477,6 +477,14 @@ def _max_age_window(urls: list[str], readings: Callable[[], dict[str, float]],
             "samples": samples}
 
 
+def _healthy_scrapes(scraper: EngineStatsScraper) -> float:
+    """Scrapes that answered a usable page so far (all minus failed, from the telemetry)."""
+    telemetry = scraper.telemetry()
+    done = sum(sample.value for metric in telemetry.durations.collect()
+               for sample in metric.samples if sample.name.endswith("_count"))
+    return done - sum(telemetry.failures_by_cause.values())
+
+
 class _SequentialScraper:
     """production-stack's loop: every pod in turn, timeout = interval, then sleep interval."""
 
@@ -534,6 +542,12 @@ def run_scrape(farm: EngineFarm, args: argparse.Namespace) -> dict[str, Any]:
         discovery.wait_until_synced(60.0)
         if not wait_for(lambda: len(discovery.get_endpoint_info()) == size, 120.0):
             raise RuntimeError("scrape: discovery did not become routable")
+        # steady state: every pod's first model probe done (a Service is routable after one
+        # of its pods' probes), so the window measures scraping, not the first probe round
+        if not wait_for(lambda: all(p.url in v.pod_probes
+                                    for v in discovery.get_service_status().values()
+                                    for p in v.ready_pods), 120.0):
+            progress("scrape: not every pod was probed within 120 s; measuring anyway")
         all_urls = sorted(p.url for v in discovery.get_service_status().values()
                           for p in v.pods if p.routable)
         black = all_urls[::20]  # 5 %
@@ -557,11 +571,22 @@ def run_scrape(farm: EngineFarm, args: argparse.Namespace) -> dict[str, Any]:
         def concurrent_times() -> dict[str, float]:
             return {u: s.sample_time for u, s in active.get_pod_engine_stats().items()}
 
+        ok_before = _healthy_scrapes(scraper)
+        checks_before = discovery.outlier_stats()["liveness_checks"]
         cpu, t = time.process_time(), time.monotonic()
         window = _max_age_window(healthy, concurrent_times, started, args.scrape_window)
-        window["cpu_s_per_s"] = round((time.process_time() - cpu) / (time.monotonic() - t), 3)
+        cpu_s = time.process_time() - cpu
+        elapsed = time.monotonic() - t
+        window["cpu_s_per_s"] = round(cpu_s / elapsed, 3)
+        ok = _healthy_scrapes(scraper) - ok_before
+        window["healthy_scrapes_per_s"] = round(ok / elapsed, 1)
+        # the whole process: scraper, discovery (informers, prober, liveness checks), sampler
+        window["healthy_scrapes_per_cpu_s"] = round(ok / cpu_s, 1) if cpu_s > 0 else None
+        window["liveness_checks_per_s"] = round(
+            (discovery.outlier_stats()["liveness_checks"] - checks_before) / elapsed, 1)
         window["config"] = (f"EngineStatsScraper(scrape_interval=1, timeout={scraper.timeout}, "
-                            "workers=32, keepalive_hosts=1024)")
+                            "workers=32, keepalive_hosts=1024), discovery with default "
+                            "OutlierConfig (liveness checks on)")
         result["concurrent"] = window
         scraper.close()
         scraper = None

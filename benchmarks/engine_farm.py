@@ -314,6 +314,9 @@ class EngineFarm:
             def stop(self) -> None:
                 farm.down(self.ip)
 
+            def cut_network(self) -> None:  # SimCluster.kill_node needs sockets of its own
+                raise NotImplementedError("farm engines cannot be cut off the network")
+
         def factory(ip: str, port: int, **options: Any) -> FakeEngine:
             return FarmEngine(ip, farm.port, **options)
 

@@ -9,8 +9,9 @@ alive connections in the same run, alternating in rounds so that drift hits both
 * ``current``: ``http.fetch`` on urllib3 (deadline, size cap, no redirects) and
   ``parse_metrics`` with the fast path.
 
-Then a cProfile of the current path says where its time goes.  Writes
-``results/scrape_cpu.json`` and ``results/scrape_cpu.md``.
+Then a cProfile of the current path says where its time goes, and the CPU of one liveness
+check of discovery's (``GET /health``; ``GET /metrics`` read for progress only, as every
+``progress_interval``).  Writes ``results/scrape_cpu.json`` and ``results/scrape_cpu.md``.
 
     python benchmarks/scrape_cpu.py [--pods 50] [--rounds 5] [--per-round 1000]
 """
@@ -37,6 +38,7 @@ from benchmarks.engine_farm import EngineFarm  # noqa: E402
 from vllm_router_svcdisc import vllm_metrics  # noqa: E402
 from vllm_router_svcdisc.http import EnginePool, fetch  # noqa: E402
 from vllm_router_svcdisc.scraper import MAX_METRICS_BYTES, parse_metrics_body  # noqa: E402
+from vllm_router_svcdisc.vllm_metrics import parse_progress  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,6 +108,26 @@ def measure(urls: list[str], rounds: int, per_round: int) -> dict[str, Any]:
     return result
 
 
+def liveness(urls: list[str], rounds: int, per_round: int) -> dict[str, Any]:
+    """CPU per liveness check as ``liveness.py`` does it (one pool, short timeouts)."""
+    pool = EnginePool(1, hosts=4096)
+    bases = [url.rsplit("/", 1)[0] for url in urls]
+    cursor = iter(range(10**9))
+
+    def health() -> None:
+        fetch(pool, bases[next(cursor) % len(bases)] + "/health", timeout=(0.5, 0.5),
+              max_bytes=64 * 1024)
+
+    def progress() -> None:
+        _status, body = fetch(pool, bases[next(cursor) % len(bases)] + "/metrics",
+                              timeout=(0.5, 0.5), max_bytes=MAX_METRICS_BYTES)
+        parse_progress(body)
+
+    health_us = min(cpu_us(health, per_round) for _ in range(rounds))
+    progress_us = min(cpu_us(progress, per_round) for _ in range(rounds))
+    return {"health_us": round(health_us, 1), "progress_us": round(progress_us, 1)}
+
+
 _AREAS = (("vllm_metrics.py", "parsing (vllm_metrics.py)"),
           ("vllm_router_svcdisc/deadline.py", "deadline sockets (deadline.py)"),
           ("vllm_router_svcdisc/", "other library code (http.py, scraper.py)"),
@@ -162,6 +184,13 @@ def markdown(result: dict[str, Any], where: dict[str, Any], command: str) -> str
     lines += [f"| {r['area']} | {r['share']:.0%} |" for r in where["areas"]]
     lines += ["", "| top functions | share |", "|---|---|"]
     lines += [f"| `{r['function']}` | {r['share']:.1%} |" for r in where["functions"]]
+    live = result.get("liveness")
+    if live:
+        lines += ["", "Discovery's liveness checks (CPU of the checking side):", "",
+                  "| check | CPU µs |", "|---|---|",
+                  f"| `GET /health` | {live['health_us']} |",
+                  f"| `GET /metrics`, progress only (`parse_progress`) | "
+                  f"{live['progress_us']} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -182,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         current_fetch()(urls[-1])  # the farm has applied every "up" once this answers
         result = measure(urls, args.rounds, args.per_round)
         where = profile(urls, args.profile_scrapes)
+        result["liveness"] = liveness(urls, args.rounds, args.per_round)
     command = "python benchmarks/scrape_cpu.py " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from benchmarks._common import progress, rss_mb
 from benchmarks.engine_farm import EngineFarm
+from vllm_router_svcdisc.backoff import BackoffPolicy
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
 from vllm_router_svcdisc.informer import InformerConfig
 from vllm_router_svcdisc.probe import ProbeConfig
@@ -55,7 +56,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 INFORMER = InformerConfig(watch_timeout_range=(10, 20), read_timeout_slack=5, connect_timeout=2,
                           list_read_timeout=10, backoff_initial=0.05, backoff_cap=1.0,
                           backoff_reset_after=10.0)
-PROBE = ProbeConfig(interval=5.0, timeout=2.0, failure_backoff=(0.2, 2.0))
+PROBE = ProbeConfig(interval=5.0, timeout=2.0, backoff=BackoffPolicy(
+    initial=0.1, factor=2.0, jitter=1.0, cap=2.0, reset_after=float("inf")))
 SCRAPE_INTERVAL = 1.0
 SCRAPE_TIMEOUT = 1.0
 REPLICAS = 2
@@ -296,6 +298,7 @@ class Soak:
             "cache_probes": cache.sizes()["probes"],
             "informer_known": len(d._services._known) + len(d._endpoints._known),
             "prober_targets": len(d._prober._targets),
+            "health_records": len(d.health_book),  # ready pods + those departed < blip window
             "scraper_pods": len(s._pods),
             "scraper_readings": len(s._readings),
             "api_history": len(cluster.api._history),

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from vllm_router_svcdisc.backoff import BackoffPolicy
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
 from vllm_router_svcdisc.informer import InformerConfig
 from vllm_router_svcdisc.probe import ProbeConfig
@@ -31,7 +32,8 @@ FAST_PROBE = ProbeConfig(
     timeout=1,
     attempts=2,
     retry_wait=0.01,
-    failure_backoff=(0.05, 0.5),
+    backoff=BackoffPolicy(initial=0.025, factor=2.0, jitter=1.0, cap=0.5,
+                          reset_after=float("inf")),
 )
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from .clock import SYSTEM_CLOCK, Clock, wall_time
 from .informer import DELETED, Change
 from .k8s_objects import ObjectError, parse_endpoint_slice, parse_endpoints, parse_service
 from .publisher import EMPTY_SNAPSHOT, ReadOnlyList, Snapshot, SnapshotPublisher
@@ -63,9 +64,17 @@ class DiscoveryCache:
         ip_family: str | None = None,
         check_names: bool = False,
         on_probe_needed: Callable[[Sequence[ProbeTarget], Sequence[str]], None] | None = None,
+        max_ejection_percent: float = 50.0,
+        blip_window: float = 0.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = ViewConfig(port=port, cluster_domain=cluster_domain.strip("."),
-                                  ip_family=ip_family)
+                                  ip_family=ip_family, max_ejection_percent=max_ejection_percent)
+        self._clock = clock
+        self._blip_window = blip_window
+        self._departed: dict[str, float] = {}  # pod URL -> when it stopped being an endpoint
+        self._candidates: dict[str, str] = {}  # pod URL -> why the outlier policy would eject
+        self.ejections_by_reason: dict[str, int] = {}
         self._on_probe_needed = on_probe_needed
         self._lock = threading.Lock()
         self._store = ServiceStore()
@@ -75,7 +84,7 @@ class DiscoveryCache:
         self._name_owner: dict[str, str] = {}  # Service URL -> its Service's key
         self._name_errors: dict[str, str] = {}  # Service URL -> why it did not resolve
         self._added: dict[str, float] = {}
-        self._publisher = SnapshotPublisher()
+        self._publisher = SnapshotPublisher(clock)
         self._ever_seen_models: set[str] = set()
         self._logged_reason: dict[str, str | None] = {}
         self._refresh_seconds = 0.0
@@ -150,6 +159,24 @@ class DiscoveryCache:
                 touched |= services
             self._refresh(touched)
 
+    def set_candidates(self, verdicts: Mapping[str, object | None]) -> None:
+        """The outlier policy's changed verdicts (pod URL -> why, None: fine again): only the
+        Services of those pods are rebuilt and published."""
+        touched: set[str] = set()
+        with self._lock:
+            for url, found in verdicts.items():
+                if found is None:
+                    if self._candidates.pop(url, None) is None:
+                        continue
+                else:
+                    reason = str(found)
+                    if self._candidates.get(url) == reason:
+                        continue
+                    self._candidates[url] = reason
+                touched |= self._services_of.get(url, set())
+            if touched:
+                self._refresh(touched)
+
     def set_probe(self, url: str, probe: ModelProbe) -> None:
         """Record one pod's model probe outcome."""
         self.set_probes([(url, probe)])
@@ -163,7 +190,8 @@ class DiscoveryCache:
         """How many records each part holds (soak and leak checks)."""
         with self._lock:
             return {**self._store.counts(), "probes": len(self._probes), "added": len(self._added),
-                    "logged_reasons": len(self._logged_reason)}
+                    "logged_reasons": len(self._logged_reason),
+                    "departed": len(self._departed), "candidates": len(self._candidates)}
 
     def publish_stats(self) -> tuple[int, float]:
         """(publishes, seconds spent rebuilding views and publishing) since start."""
@@ -178,7 +206,8 @@ class DiscoveryCache:
         names: dict[str, str | None] = {}  # pod URL -> pod name, for the prober's logs
         ranks: dict[str, int] = {}  # pod URL -> its lowest place among a Service's ready pods
         renamed: list[tuple[str, str | None, str | None]] = []  # (Service, old URL, new URL)
-        now = time.time()
+        now = wall_time()
+        self._forget_departed()
         for key in sorted(keys):  # a deterministic order for lists and logs
             old = self._publisher.get(key)
             before = _ready_urls(old)
@@ -193,7 +222,8 @@ class DiscoveryCache:
                 continue
             view = build_view(record, self._store.slices_of(key), self._probes,
                               config=self._config, added=self._added.get(key, now),
-                              name_errors=self._name_errors)
+                              name_errors=self._name_errors, candidates=self._candidates,
+                              ejected_before=old.ejected if old is not None else ())
             if self._check_names and (old.url if old is not None else None) != view.url:
                 renamed.append((key, old.url if old is not None else None, view.url))
             moved |= self._index(key, before, _ready_urls(view))
@@ -204,6 +234,7 @@ class DiscoveryCache:
                 self._added.setdefault(key, now)
             self._publisher.set_view(key, view)
             self._log_reason_change(view)
+            self._log_outliers(old, view)
         snapshot = self._publisher.publish()
         if snapshot is not None:
             self.snapshot = snapshot
@@ -234,9 +265,13 @@ class DiscoveryCache:
             services = self._services_of.get(url)
             if services:
                 targets.append(ProbeTarget(url, names.get(url), tuple(sorted(services))))
+                self._departed.pop(url, None)  # back within the blip window: state kept
             else:
                 gone.append(url)
-                self._probes.pop(url, None)  # a pod that comes back is probed afresh
+                # a readiness blip keeps the pod's models until the blip window ends
+                self._departed[url] = self._clock.monotonic()
+                if self._blip_window <= 0:
+                    self._forget_departed()
         for key, old_url, new_url in renamed:  # after the pods: a name check never gates routing
             if old_url is not None and self._name_owner.get(old_url) == key:
                 del self._name_owner[old_url]
@@ -250,6 +285,48 @@ class DiscoveryCache:
                 self._on_probe_needed(targets, gone)
             except Exception:
                 log.exception("model prober notification failed")
+
+    def _forget_departed(self) -> None:
+        """Drop the state of pods that left longer than the blip window ago (oldest first)."""
+        departed = self._departed
+        if not departed:
+            return
+        limit = self._clock.monotonic() - self._blip_window
+        while departed:
+            url, since = next(iter(departed.items()))
+            if since > limit and self._blip_window > 0:
+                break
+            del departed[url]
+            if url not in self._services_of:
+                self._probes.pop(url, None)
+                self._candidates.pop(url, None)
+
+    def _log_outliers(self, old: ServiceView | None, view: ServiceView) -> None:
+        """One line per ejection (WARNING) and per return (INFO), per Service; counts them."""
+        before = old.ejected if old is not None else {}
+        names = {pod.url: pod.name or pod.url for pod in view.pods}
+        ready = {pod.url for pod in view.ready_pods}
+        for url, reason in view.ejected.items():
+            if url not in before:
+                code = reason.split(":", 1)[0]
+                self.ejections_by_reason[code] = self.ejections_by_reason.get(code, 0) + 1
+                log.warning("service %s: pod %s (%s) ejected: %s", view.key,
+                            names.get(url, url), url, reason)
+        for url in before:
+            if url not in view.ejected:
+                if url not in ready:
+                    log.info("service %s: pod %s (%s) is no ready endpoint any more (was "
+                             "ejected)", view.key, names.get(url, url), url)
+                else:
+                    log.info("service %s: pod %s (%s) returned%s", view.key,
+                             names.get(url, url), url,
+                             " (failing open)" if url in view.failing_open else "")
+        was_open = bool(old.failing_open) if old is not None else False
+        if bool(view.failing_open) != was_open:
+            if view.failing_open:
+                log.warning("service %s: %s", view.key, view.outlier_note)
+            else:
+                log.info("service %s: no longer failing open", view.key)
 
     def _log_reason_change(self, view: ServiceView) -> None:
         """One log line per state change of a Service, not one per event."""

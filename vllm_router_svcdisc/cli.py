@@ -10,11 +10,12 @@ import argparse
 import json
 import logging
 import sys
-import time
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from .cache import ServiceView
+from .clock import SYSTEM_CLOCK, wall_time
 from .discovery import DiscoveryConfigError, K8sServiceDiscovery, load_api_client
 from .scraper import EngineStatsScraper
 from .telemetry import register_metrics, serve_metrics
@@ -22,6 +23,7 @@ from .types import EngineStats
 from .view import NOT_PROBED
 
 EXIT_OK, EXIT_NO_SYNC, EXIT_USAGE = 0, 1, 2
+_NEVER = threading.Event()  # waited on for a pause (the CLI runs on the system clock)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -48,6 +50,9 @@ def _row(view: ServiceView, stats: EngineStats | None) -> dict[str, Any]:
         "partial_models": list(view.partial_models),
         "routable": view.routable,
         "reason": view.reason,
+        "ejected": {_pod_name(view, url): reason for url, reason in view.ejected.items()},
+        "failing_open": {_pod_name(view, url): reason
+                         for url, reason in view.failing_open.items()},
     }
     if stats is not None:
         row.update(
@@ -62,22 +67,38 @@ def _row(view: ServiceView, stats: EngineStats | None) -> dict[str, Any]:
     return row
 
 
+def _pod_name(view: ServiceView, url: str) -> str:
+    return next((p.name for p in view.pods if p.url == url and p.name), url)
+
+
+def _status(row: dict[str, Any]) -> str:
+    """routable (and which pods are out, and whether it fails open), or why not."""
+    if not row["routable"]:
+        return str(row["reason"] or "not routable")
+    parts = ["routable"]
+    parts += [f"{pod} ejected ({reason})" for pod, reason in sorted(row["ejected"].items())]
+    if row["failing_open"]:
+        parts.append(f"FAILING OPEN: {', '.join(sorted(row['failing_open']))} kept in")
+    return "; ".join(parts)
+
+
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A ``kubectl get``-style table; adapters carry a ``*``."""
-    header = ("SERVICE", "READY", "MODELS", "RUN", "WAIT", "KV%", "HIT%", "AGE", "STATUS")
+    """A ``kubectl get``-style table; adapters carry a ``*``; OUT counts ejected pods."""
+    header = ("SERVICE", "READY", "OUT", "MODELS", "RUN", "WAIT", "KV%", "HIT%", "AGE", "STATUS")
     lines = [header]
     for r in rows:
         has_stats = "running" in r
         lines.append((
             r["service"],
             f"{r['ready']}/{r['pods']}",
+            str(len(r["ejected"])) if r["ejected"] else "-",
             ",".join(r["models"]) or "-",
             f"{r['running']:.0f}" if has_stats else "-",
             f"{r['waiting']:.0f}" if has_stats else "-",
             f"{100 * r['kv_usage']:.0f}" if has_stats else "-",
             f"{100 * r['prefix_hit_rate']:.0f}" if has_stats else "-",
             f"{r['stats_age_s']:.1f}s" if has_stats else "-",
-            "routable" if r["routable"] else (r["reason"] or "not routable"),
+            _status(r),
         ))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
     out = []
@@ -91,7 +112,7 @@ def _show(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper | None, ou
           stream: TextIO, *, clear: bool) -> None:
     rows = service_rows(discovery, scraper)
     if output == "json":
-        stream.write(json.dumps({"time": time.time(), "services": rows}) + "\n")
+        stream.write(json.dumps({"time": wall_time(), "services": rows}) + "\n")
     else:
         if clear:
             stream.write("\x1b[2J\x1b[H")
@@ -104,8 +125,8 @@ def _show(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper | None, ou
 
 def _wait_for_sync(discovery: K8sServiceDiscovery, timeout: float, stream: TextIO) -> str | None:
     """Wait with a progress line; None when synced, else the reason."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = SYSTEM_CLOCK.monotonic() + timeout
+    while SYSTEM_CLOCK.monotonic() < deadline:
         if discovery.wait_until_synced(timeout=0.5):
             return None
         health = discovery.health()
@@ -123,14 +144,14 @@ def _wait_for_sync(discovery: K8sServiceDiscovery, timeout: float, stream: TextI
 def _settle(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper, timeout: float) -> None:
     """Wait (bounded) until every Service with ready pods was probed and every routable one
     has stats, so the first table is not all dashes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = SYSTEM_CLOCK.monotonic() + timeout
+    while SYSTEM_CLOCK.monotonic() < deadline:
         views = discovery.get_service_status().values()
         stats = scraper.get_engine_stats()
         if all(v.reason != NOT_PROBED for v in views) and all(
                 v.url in stats for v in views if v.routable):
             return
-        time.sleep(0.05)
+        SYSTEM_CLOCK.wait(_NEVER, 0.05)
 
 
 def _parse_port(text: str | None) -> int | str | None:
@@ -181,7 +202,7 @@ def _loop(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper | None,
         if not live or (until is not None and until()):
             return
         try:
-            time.sleep(args.refresh)
+            SYSTEM_CLOCK.wait(_NEVER, args.refresh)
         except KeyboardInterrupt:
             return
 

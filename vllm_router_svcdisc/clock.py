@@ -34,6 +34,12 @@ class SystemClock:
 SYSTEM_CLOCK = SystemClock()
 
 
+def wall_time() -> float:
+    """Seconds since the epoch: for timestamps shown to people and routers
+    (``EndpointInfo.added_timestamp``), never for a timing rule."""
+    return time.time()
+
+
 class FakeClock:
     """A clock that only moves when told to (or when someone waits on it): for unit tests.
 

@@ -13,7 +13,6 @@ import contextlib
 import io
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
+
+from .clock import SYSTEM_CLOCK
 
 _current = threading.local()
 
@@ -83,7 +84,7 @@ class _DeadlineSocket:
         if scope is None:
             return
         scope.watch(self._sock)
-        remaining = scope.deadline - time.monotonic()
+        remaining = scope.deadline - SYSTEM_CLOCK.monotonic()  # a socket's time is real
         if remaining <= 0:
             raise TimeoutError("request deadline passed")
         base = self._timeout

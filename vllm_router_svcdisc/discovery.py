@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import logging
 import socket
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +19,13 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from urllib3.connection import HTTPConnection
 
-from .cache import DiscoveryCache, ModelProbe, PortSpec, ServiceView, Snapshot
+from .cache import DiscoveryCache, ModelProbe, PortSpec, ProbeTarget, ServiceView, Snapshot
+from .clock import SYSTEM_CLOCK, Clock
 from .informer import Change, Informer, InformerConfig, InformerStatus
 from .k8s_objects import IPV4, IPV6
+from .liveness import Liveness
+from .outliers import OutlierConfig, Verdict
+from .poller import Failure, HealthBook
 from .probe import ModelProber, ProbeConfig
 from .types import EndpointInfo
 
@@ -153,6 +156,8 @@ class K8sServiceDiscovery:
         api_key: str | None = None,
         unhealthy_after: float = 30.0,
         ip_family: str | None = None,
+        outliers: OutlierConfig | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         del app, prefill_model_labels, decode_model_labels  # accepted for drop-in use
         if routing not in ("service", "pod"):
@@ -178,11 +183,20 @@ class K8sServiceDiscovery:
         if health_check_timeout_seconds:
             probe_config = dataclasses.replace(probe_config,
                                                timeout=float(health_check_timeout_seconds))
+        self._clock = clock
+        self.outliers = outliers = outliers or OutlierConfig()
         self._api_client = api_client if api_client is not None else load_api_client()
-        self._prober = ModelProber(self._record_probes, config=probe_config, api_key=api_key)
+        #: every pod's health record: liveness checks, probes, scrapes and report_result write it
+        self.health_book = HealthBook(clock, on_change=self._judge)
+        self._liveness = Liveness(self.health_book, outliers, self._apply_verdicts, clock=clock)
+        self._prober = ModelProber(self._record_probes, config=probe_config, api_key=api_key,
+                                   clock=clock, health=self.health_book)
         self._cache = DiscoveryCache(port=port, cluster_domain=cluster_domain,
                                      ip_family=ip_family, check_names=routing == "service",
-                                     on_probe_needed=self._prober.schedule)
+                                     on_probe_needed=self._pods_changed,
+                                     max_ejection_percent=(outliers.max_ejection_percent
+                                                           if outliers.enabled else 0.0),
+                                     blip_window=outliers.blip_window, clock=clock)
         core = k8s_client.CoreV1Api(self._api_client)
         if self.namespace is None:
             list_services: Callable[..., Any] = core.list_service_for_all_namespaces
@@ -190,11 +204,14 @@ class K8sServiceDiscovery:
             list_services = functools.partial(core.list_namespaced_service, self.namespace)
         self._endpoint_source = _EndpointSource(self._api_client, self.namespace)
         self._services = Informer("services", list_services, self._apply_service_changes,
-                                  label_selector=self.label_selector, config=informer_config)
+                                  label_selector=self.label_selector, config=informer_config,
+                                  clock=clock)
         self._endpoints = Informer("endpointslices", self._endpoint_source,
-                                   self._apply_endpoint_changes, config=informer_config)
+                                   self._apply_endpoint_changes, config=informer_config,
+                                   clock=clock)
         self._closed = False
         self._selector_matched: bool | None = None
+        self._liveness.start()
         self._prober.start()
         self._services.start()
         self._endpoints.start()
@@ -231,9 +248,9 @@ class K8sServiceDiscovery:
 
     def wait_until_synced(self, timeout: float = 10.0) -> bool:
         """Wait until both informers applied their first LIST; False on timeout."""
-        deadline = time.monotonic() + timeout
+        deadline = SYSTEM_CLOCK.monotonic() + timeout  # a real wait, whatever clock rules use
         for informer in (self._services, self._endpoints):
-            if not informer.wait_until_synced(max(0.0, deadline - time.monotonic())):
+            if not informer.wait_until_synced(max(0.0, deadline - SYSTEM_CLOCK.monotonic())):
                 return False
         return True
 
@@ -256,7 +273,7 @@ class K8sServiceDiscovery:
         if self._closed:
             return Health(False, ("closed",))
         reasons = []
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for status in self.informer_status():
             if not status.alive:
                 reasons.append(f"{status.resource} informer thread is not running")
@@ -268,7 +285,65 @@ class K8sServiceDiscovery:
             if not status.synced:
                 detail = f" ({status.last_error})" if status.last_error else ""
                 reasons.append(f"{status.resource} not synced yet{detail}")
-        return Health(not reasons, tuple(reasons))
+        healthy = not reasons
+        # failing open degrades routing, not discovery: said here, health stays true
+        for view in self._cache.snapshot.services.values():
+            if view.failing_open:
+                reasons.append(f"service {view.key}: {view.outlier_note}")
+        return Health(healthy, tuple(reasons))
+
+    def report_result(self, url: str, outcome: str | int) -> bool:
+        """A router's request outcome for ``url``, fed into the outlier policy.
+
+        ``url`` must be a pod URL (``http://<pod ip>:<port>``, what pod routing hands out): a
+        Service URL cannot blame a pod (kube-proxy chose one) and is ignored, as is any URL
+        that is no ready pod.  ``outcome``: ``"connect_error"`` (refused or reset before a
+        response), ``"connect_timeout"``, ``"timeout"`` (connected, no response in time: slow
+        alone never ejects), ``"ok"``, or an HTTP status — 5xx counts, 4xx is the client's
+        problem and is ignored (never an engine failure), 2xx/3xx is a success.  Returns True
+        when the outcome was recorded.  Cheap, never blocks on I/O.
+        """
+        key = url.rstrip("/")
+        if key not in self.health_book:
+            return False
+        book = self.health_book
+        if isinstance(outcome, int) and not isinstance(outcome, bool):
+            if outcome >= 500:
+                book.failure(key, Failure.HTTP_5XX, f"router saw HTTP {outcome}")
+                return True
+            if 400 <= outcome < 500:
+                return False
+            book.success(key)
+            return True
+        if not isinstance(outcome, str):
+            raise TypeError(f"outcome must be a string or an HTTP status, not {outcome!r}")
+        failure = _OUTCOMES.get(outcome)
+        if outcome in ("ok", "success"):
+            book.success(key)
+        elif failure is None:
+            raise ValueError(f"unknown outcome {outcome!r}: one of ok, "
+                             f"{', '.join(_OUTCOMES)} or an HTTP status")
+        else:
+            book.failure(key, failure, f"router: {outcome.replace('_', ' ')}")
+        return True
+
+    def now(self) -> float:
+        """The discovery's clock (informer, health and outlier timestamps are on it)."""
+        return self._clock.monotonic()
+
+    def outlier_stats(self) -> dict[str, Any]:
+        """Ejections so far by reason, pods ejected now, Services failing open now."""
+        views = self._cache.snapshot.services.values()
+        return {
+            "ejections_by_reason": dict(self._cache.ejections_by_reason),
+            "ejected": sum(len(v.ejected) for v in views),
+            "failing_open_services": sum(bool(v.failing_open) for v in views),
+            "failing_open_pods": sum(len(v.failing_open) for v in views),
+            "liveness_checks": self._liveness.checks_total,
+            "liveness_skipped": self._liveness.skipped_total,
+            "liveness_interval": self._liveness.interval,
+            "liveness_cost_per_check": self._liveness.cost_per_check,
+        }
 
     def get_health(self) -> bool:
         """production-stack's health check: see :meth:`health` for the reasons."""
@@ -291,12 +366,14 @@ class K8sServiceDiscovery:
         if self._closed:
             return
         self._closed = True
-        deadline = time.monotonic() + 2.0
+        deadline = SYSTEM_CLOCK.monotonic() + 2.0  # a real deadline for joining threads
         self._services.signal_stop()
         self._endpoints.signal_stop()
+        self._liveness.poller.stopping.set()
         for informer in (self._services, self._endpoints):
-            informer.stop(timeout=max(0.1, deadline - time.monotonic()))
-        self._prober.stop(timeout=max(0.1, deadline - time.monotonic()))
+            informer.stop(timeout=max(0.1, deadline - SYSTEM_CLOCK.monotonic()))
+        self._prober.stop(timeout=max(0.1, deadline - SYSTEM_CLOCK.monotonic()))
+        self._liveness.close(timeout=max(0.1, deadline - SYSTEM_CLOCK.monotonic()))
 
     def __enter__(self) -> K8sServiceDiscovery:
         return self
@@ -324,3 +401,24 @@ class K8sServiceDiscovery:
 
     def _record_probes(self, results: Sequence[tuple[str, ModelProbe]]) -> None:
         self._cache.set_probes(results)
+
+    def _pods_changed(self, targets: Sequence[ProbeTarget], gone: Sequence[str]) -> None:
+        """The cache, under its lock: pods became ready endpoints or stopped being one."""
+        self._prober.schedule(targets, gone)
+        self._liveness.track([t.url for t in targets if t.kind == "pod"],
+                             [url for url in gone if url in self.health_book])
+
+    def _judge(self, url: str) -> None:
+        """A pod's health record changed (any source): the policy judges it again."""
+        if not self._closed:
+            self._liveness.evaluate(url)
+
+    def _apply_verdicts(self, verdicts: dict[str, Verdict | None]) -> None:
+        self._cache.set_candidates(verdicts)
+
+
+_OUTCOMES = {
+    "connect_error": Failure.REFUSED,
+    "connect_timeout": Failure.CONNECT_TIMEOUT,
+    "timeout": Failure.READ_TIMEOUT,
+}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping
 
 import urllib3
@@ -26,6 +25,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from .clock import SYSTEM_CLOCK
 from .deadline import DeadlinePoolManager, RequestScope, deadline_scope
 
 
@@ -34,16 +34,19 @@ class EngineCallError(Exception):
 
     ``reason`` is for people (never a credential or a body); ``cause`` a short fixed word for
     metrics: dns, connection, timeout, redirect, oversize, http (an unwanted status), answer (a
-    200 whose content is wrong) or other; ``transient`` whether an immediate retry may help.
+    200 whose content is wrong) or other; ``transient`` whether an immediate retry may help;
+    ``failure`` the health record's class where the cause alone does not tell it (``refused``,
+    ``connect_timeout``, ``read_timeout``: see ``poller.Failure``).
     """
 
     def __init__(self, reason: str, *, cause: str, transient: bool = False,
-                 status: int | None = None) -> None:
+                 status: int | None = None, failure: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.cause = cause
         self.transient = transient
         self.status = status
+        self.failure = failure
 
     @property
     def unreachable(self) -> bool:
@@ -139,7 +142,7 @@ def fetch(
     trickling bytes (slow loris) cannot hold a worker longer than a silent one.
     """
     budget = timeout if isinstance(timeout, int | float) else sum(timeout)
-    deadline = time.monotonic() + budget
+    deadline = SYSTEM_CLOCK.monotonic() + budget  # sockets time out in real time
     # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
     request_headers = {"Accept-Encoding": "identity", **(headers or {})}
     with pool._request(deadline):
@@ -150,9 +153,13 @@ def fetch(
             raise EngineCallError("DNS name does not resolve", cause="dns") from None
         except (NewConnectionError, ProtocolError) as exc:
             raise EngineCallError(_connection_reason(exc), cause="connection",
-                                  transient=True) from None
-        except (ConnectTimeoutError, ReadTimeoutError, TimeoutError):
-            raise EngineCallError("timed out", cause="timeout") from None
+                                  transient=True, failure="refused") from None
+        except ConnectTimeoutError:
+            raise EngineCallError("connect timed out", cause="timeout",
+                                  failure="connect_timeout") from None
+        except (ReadTimeoutError, TimeoutError):
+            raise EngineCallError("timed out", cause="timeout",
+                                  failure="read_timeout") from None
         except (HTTPError, LocationParseError, ValueError) as exc:
             raise EngineCallError(f"request failed: {exc.__class__.__name__}",
                                   cause="other") from None
@@ -185,14 +192,16 @@ def _read_body(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: flo
                 raise EngineCallError(f"body exceeds the {max_bytes} byte cap",
                                       cause="oversize")
             chunks.append(chunk)
-            if time.monotonic() > deadline:
+            if SYSTEM_CLOCK.monotonic() > deadline:
                 response.close()
-                raise EngineCallError("timed out reading the body", cause="timeout")
+                raise EngineCallError("timed out reading the body", cause="timeout",
+                                      failure="read_timeout")
     except EngineCallError:
         raise
     except (TimeoutError, ReadTimeoutError):
         response.close()
-        raise EngineCallError("timed out reading the body", cause="timeout") from None
+        raise EngineCallError("timed out reading the body", cause="timeout",
+                              failure="read_timeout") from None
     except Exception as exc:  # urllib3 and socket errors of a broken body
         response.close()
         raise EngineCallError(f"reading the body failed: {exc.__class__.__name__}",

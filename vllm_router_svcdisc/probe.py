@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import threading
-import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +28,10 @@ import urllib3
 
 from .backoff import BackoffPolicy
 from .cache import ModelProbe, ProbeTarget
+from .clock import SYSTEM_CLOCK, Clock
 from .http import EngineCallError, EnginePool, expect_ok, fetch
+from .poller import FAILED, GONE, OK, HealthBook, Poller, Step
 from .types import ModelInfo
-from .workqueue import WorkQueue, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,35 @@ API_KEY_ENV = "VLLM_API_KEY"
 MAX_MODELS_BYTES = 4 * 1024 * 1024
 
 
+#: After a failed probe of a pod: 0.5-1 s, doubling, at most 30 s (per pod).
+PROBE_BACKOFF = BackoffPolicy(initial=0.5, factor=2.0, jitter=1.0, cap=30.0,
+                              reset_after=float("inf"))
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Timing of model probes."""
+    """Timing of model probes.
+
+    ``backoff`` paces a failing pod's next probes.  ``failure_backoff`` (first, max) is the
+    older spelling, accepted with a DeprecationWarning: it means ``BackoffPolicy(initial=
+    first / 2, factor=2, jitter=1, cap=max)``.
+    """
 
     interval: float = 30.0          # re-probe a healthy Service this often (adapters come and go)
     timeout: float = 5.0            # per HTTP request
     attempts: int = 3               # tenacity attempts for transient failures
     retry_wait: float = 0.2
-    failure_backoff: tuple[float, float] = (1.0, 30.0)  # first and max delay after a failed probe
+    failure_backoff: tuple[float, float] | None = None  # deprecated: use backoff
     workers: int = 8
+    backoff: BackoffPolicy = PROBE_BACKOFF
+
+    def __post_init__(self) -> None:
+        if self.failure_backoff is not None:
+            warnings.warn("ProbeConfig(failure_backoff=...) is deprecated: pass "
+                          "backoff=BackoffPolicy(...)", DeprecationWarning, stacklevel=3)
+            first, cap = self.failure_backoff
+            object.__setattr__(self, "backoff", BackoffPolicy(
+                initial=first / 2, factor=2.0, jitter=1.0, cap=cap, reset_after=float("inf")))
 
 
 def parse_model_list(data: Any) -> dict[str, ModelInfo]:
@@ -69,8 +89,10 @@ def parse_model_list(data: Any) -> dict[str, ModelInfo]:
 
 
 def fetch_models(session: EnginePool, url: str, api_key: str | None,
-                 config: ProbeConfig) -> dict[str, ModelInfo]:
-    """Fetch and parse ``<url>/v1/models`` with bounded tenacity retries on transient errors."""
+                 config: ProbeConfig, retrying: tenacity.Retrying | None = None
+                 ) -> dict[str, ModelInfo]:
+    """Fetch and parse ``<url>/v1/models`` with bounded tenacity retries on transient errors
+    (``retrying``: a poller's, whose pauses close interrupts)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def attempt() -> dict[str, ModelInfo]:
@@ -88,29 +110,30 @@ def fetch_models(session: EnginePool, url: str, api_key: str | None,
             raise EngineCallError("/v1/models answered invalid JSON", cause="answer") from None
         return parse_model_list(data)
 
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(
-            lambda e: isinstance(e, EngineCallError) and e.transient and not session.closed),
-        stop=tenacity.stop_after_attempt(config.attempts),
-        wait=tenacity.wait_exponential(multiplier=config.retry_wait, max=2.0),
-        reraise=True,
-    )
+    if retrying is None:
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, EngineCallError) and e.transient and not session.closed),
+            stop=tenacity.stop_after_attempt(config.attempts),
+            wait=tenacity.wait_exponential(multiplier=config.retry_wait, max=2.0),
+            reraise=True,
+        )
     return retrying(attempt)
 
 
 ProbeResults = Sequence[tuple[str, ModelProbe]]
 
 
-def resolve_name(url: str) -> ModelProbe:
+def resolve_name(url: str, clock: Clock = SYSTEM_CLOCK) -> ModelProbe:
     """Whether ``url``'s host resolves (a Service's DNS name, which routers dial): ``ok``, or
     ``reason`` naming the DNS failure.  ``models`` stays empty: a name serves nothing."""
     parsed = urllib3.util.parse_url(url)
     try:
         socket.getaddrinfo(parsed.host or "", parsed.port or 80, type=socket.SOCK_STREAM)
     except OSError as exc:
-        return ModelProbe(ok=False, time=time.monotonic(),
+        return ModelProbe(ok=False, time=clock.monotonic(),
                           reason=f"{parsed.host}: {exc.strerror or exc}")
-    return ModelProbe(ok=True, time=time.monotonic())
+    return ModelProbe(ok=True, time=clock.monotonic())
 
 
 #: Results wait at most this long to be delivered with others (one publish per batch).
@@ -127,24 +150,30 @@ class ModelProber:
         config: ProbeConfig | None = None,
         api_key: str | None = None,
         session: EnginePool | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        health: HealthBook | None = None,
     ) -> None:
-        self.config = config or ProbeConfig()
+        self.config = config = config or ProbeConfig()
         self._record = record
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         # one probe per pod at a time; engines close idle connections long before the next
-        self._session = session or EnginePool(1, hosts=self.config.workers)
-        first, cap = self.config.failure_backoff
-        self._queue: WorkQueue[str] = WorkQueue(backoff=BackoffPolicy(
-            initial=first / 2, factor=2.0, jitter=1.0, cap=cap, reset_after=float("inf")))
+        self._session = session or EnginePool(1, hosts=config.workers)
+        self._clock = clock
+        self._health = health
+        self._poller: Poller[str] = Poller("svcdisc-probe", self._probe, interval=config.interval,
+                                           workers=config.workers, backoff=config.backoff,
+                                           clock=clock)
+        self._retrying = self._poller.retrying(
+            attempts=config.attempts, within=None, wait=config.retry_wait,
+            retry_if=lambda e: (isinstance(e, EngineCallError) and e.transient
+                                and not self._session.closed))
         self._cond = threading.Condition()  # guards _targets, _results, _logged, counters
         self._targets: dict[str, ProbeTarget] = {}
         self._results: list[tuple[str, ModelProbe]] = []
         self._logged: dict[str, str | None] = {}
-        self._stop = threading.Event()
+        self._stop = self._poller.stopping
         self._thread = threading.Thread(target=self._deliver_batches, name="svcdisc-prober",
                                         daemon=True)
-        self._workers = worker_threads(self._queue, self._probe, count=self.config.workers,
-                                       name="svcdisc-probe")
         self.probes_total = 0
         self.failures_total = 0
 
@@ -154,8 +183,7 @@ class ModelProber:
 
     def start(self) -> ModelProber:
         self._thread.start()
-        for worker in self._workers:
-            worker.start()
+        self._poller.start()
         return self
 
     def schedule(self, targets: Sequence[ProbeTarget], gone: Sequence[str]) -> None:
@@ -170,47 +198,45 @@ class ModelProber:
                 self._targets.pop(url, None)
                 self._logged.pop(url, None)
         for target in targets:
-            self._queue.add(target.url)
+            self._poller.add(target.url)
         for url in gone:
-            self._queue.forget(url)
+            self._poller.forget(url)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop every thread; probes in flight are aborted, not awaited."""
-        deadline = time.monotonic() + timeout
+        deadline = SYSTEM_CLOCK.monotonic() + timeout  # a real deadline for joining threads
         self._stop.set()
-        self._queue.shut_down()
         self._session.close()
         with self._cond:
             self._cond.notify_all()
-        for thread in (self._thread, *self._workers):
-            if thread.is_alive() and thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        self._poller.close(timeout)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - SYSTEM_CLOCK.monotonic()))
 
     # -- workers -------------------------------------------------------------------------------
 
-    def _probe(self, url: str) -> None:
+    def _probe(self, url: str) -> Step:
         with self._cond:
             target = self._targets.get(url)
         if target is None:  # no ready endpoint any more
-            self._queue.forget(url)
-            return
-        started = time.monotonic()
+            return GONE
         failure: EngineCallError | None = None
         if target.kind == "name":
-            result = resolve_name(url)
+            result = resolve_name(url, self._clock)
         else:
             try:
-                models = fetch_models(self._session, url, self._api_key, self.config)
-                result = ModelProbe(ok=True, models=models, time=time.monotonic())
+                models = fetch_models(self._session, url, self._api_key, self.config,
+                                      self._retrying)
+                result = ModelProbe(ok=True, models=models, time=self._clock.monotonic())
             except EngineCallError as exc:
                 failure = exc
-                result = ModelProbe(ok=False, reason=exc.reason, time=time.monotonic(),
+                result = ModelProbe(ok=False, reason=exc.reason, time=self._clock.monotonic(),
                                     unreachable=exc.unreachable)
         if self._stop.is_set():
-            return
+            return GONE
         with self._cond:
             if url not in self._targets:
-                return  # went away while we probed
+                return GONE  # went away while we probed
             if target.kind == "pod":
                 self.probes_total += 1
                 self.failures_total += not result.ok
@@ -220,11 +246,12 @@ class ModelProber:
             self._logged[url] = result.reason
         if changed:
             self._log(target, result, failure)
-        if result.ok:
-            self._queue.forget(url)
-            self._queue.add_after(url, started + self.config.interval - time.monotonic())
-        else:
-            self._queue.add_rate_limited(url)
+        if self._health is not None and target.kind == "pod":
+            if failure is not None:
+                self._health.error(url, failure)
+            elif result.ok:
+                self._health.success(url)
+        return OK if result.ok else FAILED
 
     def _log(self, target: ProbeTarget, result: ModelProbe,
              failure: EngineCallError | None) -> None:

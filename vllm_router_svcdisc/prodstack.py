@@ -17,6 +17,13 @@ with the router's own command line:
   also makes ``--log-level`` / ``--log-format json`` apply to it).
 - ``vllm_svcdisc_*`` metrics are registered once on prometheus_client's default registry,
   which the router's ``/metrics`` serves; the collector follows the current discovery.
+- The router's own request outcomes feed the outlier policy: ``app.state.
+  aiohttp_client_wrapper`` (the object whose aiohttp session ``process_request`` sends every
+  engine request through) is replaced, before ``main()`` starts it, by
+  :class:`OutcomeReportingClientWrapper`, whose session carries an aiohttp ``TraceConfig``:
+  a connect error, a connect timeout or a 5xx from a pod URL goes to
+  ``K8sServiceDiscovery.report_result`` (pod routing only: a Service URL blames no pod).
+  Where production-stack has no such object, this part is left out and said once.
 
 Exit code 3 with one line on stderr when production-stack is not importable or its shape is
 not the one described above.
@@ -24,11 +31,12 @@ not the one described above.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -52,6 +60,7 @@ HOST_SHAPE: Mapping[str, tuple[str, ...]] = {
 }
 REPLACED_GETTERS = ("initialize_engine_stats_scraper", "get_engine_stats_scraper")
 APP_MODULE = "vllm_router.app"
+CLIENT_WRAPPER = "aiohttp_client_wrapper"  # app.state attribute (vllm_router/app.py)
 
 
 class HostShapeError(RuntimeError):
@@ -122,6 +131,28 @@ class Installation:
     def get_engine_stats_scraper(self) -> Any:
         return self._scraper or self._originals["get_engine_stats_scraper"]()
 
+    def report_outcome(self, url: str, outcome: str | int) -> None:
+        """A request the router sent to ``url`` ended so: tell the current discovery (pod
+        routing; never raises into the router's request path)."""
+        discovery = self.current_discovery()
+        if discovery is None or discovery.routing != "pod":
+            return
+        try:
+            discovery.report_result(url, outcome)
+        except Exception:  # the router's request must never fail because of this
+            self.logger.exception("reporting a request outcome for %s failed", url)
+
+    def wire_request_outcomes(self, app_module: Any) -> bool:
+        """Give the router an aiohttp session that reports outcomes (see the module doc)."""
+        state = getattr(getattr(app_module, "app", None), "state", None)
+        current = getattr(state, CLIENT_WRAPPER, None)
+        if current is None or not callable(getattr(current, "start", None)):
+            self.logger.info("this production-stack has no app.state.%s: the router's request "
+                             "failures are not fed to the outlier policy", CLIENT_WRAPPER)
+            return False
+        setattr(state, CLIENT_WRAPPER, OutcomeReportingClientWrapper(self.report_outcome))
+        return True
+
     # -- providers ---------------------------------------------------------------------------
 
     def current_discovery(self) -> K8sServiceDiscovery | None:
@@ -149,6 +180,71 @@ class Installation:
         with _install_lock:
             if _installation is self:
                 _installation = None
+
+
+class OutcomeReportingClientWrapper:
+    """production-stack's ``AiohttpClientWrapper`` face (``start()``, ``await stop()``, call
+    for the session) over a session that reports each engine request's outcome.
+
+    Like production-stack's, the session has no connection limit (``TCPConnector(limit=0)``).
+    Reported: a connect error (refused, reset before a response) and a connect timeout as
+    such, a 5xx status, 2xx/3xx as a success, a read timeout as slow (which never ejects
+    alone); 4xx and cancellations are not reported (a 4xx is the client's problem).
+    """
+
+    def __init__(self, report: Callable[[str, str | int], None]) -> None:
+        self._report = report
+        self.async_client: Any = None
+
+    def start(self) -> None:
+        aiohttp = importlib.import_module("aiohttp")  # production-stack's dependency
+        trace = aiohttp.TraceConfig()
+        trace.on_request_end.append(self._on_end)
+        trace.on_request_exception.append(self._on_exception)
+        self.async_client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), connector_owner=True,
+            trace_configs=[trace])
+
+    async def stop(self) -> None:
+        if self.async_client is not None:
+            await self.async_client.close()
+        self.async_client = None
+
+    def __call__(self) -> Any:
+        if self.async_client is None:
+            raise RuntimeError("the aiohttp client is not started")
+        return self.async_client
+
+    async def _on_end(self, _session: Any, _context: Any, params: Any) -> None:
+        status = int(params.response.status)
+        if status >= 500 or status < 400:
+            self._report(_origin(params.url), status)
+
+    async def _on_exception(self, _session: Any, _context: Any, params: Any) -> None:
+        outcome = outcome_of(params.exception)
+        if outcome is not None:
+            self._report(_origin(params.url), outcome)
+
+
+def outcome_of(error: BaseException) -> str | None:
+    """The ``report_result`` outcome of an aiohttp request exception (None: not reported)."""
+    aiohttp = importlib.import_module("aiohttp")
+    connect_timeout = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10
+    if connect_timeout and isinstance(error, connect_timeout):
+        return "connect_timeout"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return "connect_error"
+    if isinstance(error, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+        return "timeout"
+    return None
+
+
+def _origin(url: Any) -> str:
+    """``http://<host>:<port>`` of a yarl URL, the shape of a pod URL (the port always
+    written, an IPv6 host bracketed)."""
+    host = str(url.host or "")
+    host = f"[{host}]" if ":" in host else host
+    return f"{url.scheme}://{host}:{url.port}"
 
 
 _install_lock = threading.Lock()
@@ -206,6 +302,7 @@ def install(discovery_options: Mapping[str, Any] | None = None,
         if not callable(getattr(app, "main", None)):
             raise HostShapeError(f"{APP_MODULE} has no main()")
         _check_bindings(installation)
+        installation.wire_request_outcomes(app)
     except ImportError as exc:
         installation.uninstall()
         raise HostShapeError(f"{APP_MODULE} is not importable: {exc}") from None

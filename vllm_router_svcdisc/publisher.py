@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
+from .clock import SYSTEM_CLOCK, Clock
 from .types import EndpointInfo
 from .view import ServiceView
 
@@ -154,7 +154,8 @@ class SnapshotPublisher:
     guards it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._views: _CopyOnWriteBuckets[str, ServiceView] = _CopyOnWriteBuckets()
         self._service_infos: _CopyOnWriteBuckets[str, EndpointInfo] = _CopyOnWriteBuckets()
         self._pod_owners: dict[PodKey, dict[str, EndpointInfo]] = {}
@@ -202,7 +203,7 @@ class SnapshotPublisher:
             pod_buckets=self._pod_infos.freeze(),
             known_models=frozenset(self._model_counts) if self._models_dirty
             else last.known_models,
-            published_at=time.monotonic(),
+            published_at=self._clock.monotonic(),
         )
         self._dirty = self._models_dirty = False
         self._last = snapshot

@@ -6,7 +6,6 @@ scrapes, so nothing is instrumented on the hot paths and nothing can drift out o
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +52,7 @@ class DiscoveryCollector(Collector):
             yield from self._scrape_metrics(scraper)
 
     def _informer_metrics(self, discovery: K8sServiceDiscovery) -> Iterator[Metric]:
-        now = time.monotonic()
+        now = discovery.now()  # informer timestamps are on the discovery's clock
         synced = GaugeMetricFamily(f"{PREFIX}_informer_synced",
                                    "1 once the informer applied its first LIST.",
                                    labels=["resource"])
@@ -123,6 +122,35 @@ class DiscoveryCollector(Collector):
         health = GaugeMetricFamily(f"{PREFIX}_healthy", "1 when get_health() is true.")
         health.add_metric([], float(discovery.get_health()))
         yield health
+        yield from self._outlier_metrics(discovery)
+
+    def _outlier_metrics(self, discovery: K8sServiceDiscovery) -> Iterator[Metric]:
+        stats = discovery.outlier_stats()
+        ejections = CounterMetricFamily(
+            f"{PREFIX}_outlier_ejections",
+            "Pods ejected from a Service's routable pod set by the outlier policy, by reason.",
+            labels=["reason"])
+        for reason, count in sorted(stats["ejections_by_reason"].items()):
+            ejections.add_metric([reason], count)
+        yield ejections
+        yield _gauge("outlier_ejected_pods",
+                     "Pods ejected now (per Service they are ejected from).", stats["ejected"])
+        yield _gauge("outlier_fail_open_services",
+                     "Services failing open now: more pods would be ejected than the cap "
+                     "allows, so they stay listed.", stats["failing_open_services"])
+        yield _gauge("outlier_fail_open_pods",
+                     "Pods the policy would eject but keeps listed (cap reached).",
+                     stats["failing_open_pods"])
+        yield CounterMetricFamily(f"{PREFIX}_liveness_checks",
+                                  "Liveness checks of pods done by discovery itself.",
+                                  value=stats["liveness_checks"])
+        yield CounterMetricFamily(f"{PREFIX}_liveness_checks_skipped",
+                                  "Liveness checks skipped: a fresher result was at hand "
+                                  "(scrape, model probe, router outcome).",
+                                  value=stats["liveness_skipped"])
+        yield _gauge("liveness_interval_seconds",
+                     "The liveness interval now (stretched past the CPU budget).",
+                     stats["liveness_interval"])
 
     def _scrape_metrics(self, scraper: EngineStatsScraper) -> Iterator[Metric]:
         telemetry = scraper.telemetry()
@@ -132,8 +160,9 @@ class DiscoveryCollector(Collector):
         yield _gauge("scraped_pods", "Pods with current stats.", len(stats))
         yield _gauge("stale_pods", "Pods whose stats are kept from an earlier scrape.",
                      scraper.stale_pods(stats))
+        now = scraper.now()
         yield _gauge("oldest_sample_age_seconds", "Age of the oldest pod stats in use.",
-                     max((s.oldest_sample_age for s in stats.values()), default=0.0))
+                     max((s.age_at(now) for s in stats.values()), default=0.0))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -7,10 +7,11 @@ snapshot are shared between readers: treat them as read-only.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .clock import SYSTEM_CLOCK
 
 _MODEL_CARD_KEYS = ("id", "object", "created", "owned_by", "root", "parent")
 
@@ -77,6 +78,13 @@ class PodEndpoint:
     terminating: bool = False
     node_name: str | None = None
     namespace: str | None = None
+    state: str = "ok"  # outlier state: "ok", "ejected", or "fail_open" (would be, cap reached)
+    reason: str | None = None  # why ejected / failing open
+
+    @property
+    def ejected(self) -> bool:
+        """Left out of the pod view by the outlier policy (Kubernetes may still call it ready)."""
+        return self.state == "ejected"
 
     @property
     def routable(self) -> bool:
@@ -159,7 +167,8 @@ class EngineStats:
 
     The first six fields are production-stack's.  For a Service, ``gpu_cache_usage_perc`` is the
     mean over pods and ``gpu_cache_usage_perc_max`` the max; counts and counters are sums.
-    Sample times are ``time.monotonic()`` values; ``oldest_sample_age`` turns them into an age.
+    Sample times are monotonic-clock values (the scraper's clock); ``oldest_sample_age`` turns
+    them into an age on the system clock, ``age_at(now)`` on any.
     """
 
     num_running_requests: float = 0
@@ -176,6 +185,7 @@ class EngineStats:
     pods_scraped: int = 1
     pods_stale: int = 0
     pods_failed: int = 0
+    pods_ejected: int = 0  # ready pods left out of the figures (ejected as outliers)
     sample_time: float = 0.0
     oldest_sample_time: float = 0.0
     per_pod: Mapping[str, EngineStats] = field(default_factory=dict)
@@ -183,4 +193,8 @@ class EngineStats:
     @property
     def oldest_sample_age(self) -> float:
         """Seconds since the oldest sample behind these figures was taken."""
-        return max(0.0, time.monotonic() - self.oldest_sample_time)
+        return self.age_at(SYSTEM_CLOCK.monotonic())
+
+    def age_at(self, now: float) -> float:
+        """Seconds between the oldest sample behind these figures and ``now``."""
+        return max(0.0, now - self.oldest_sample_time)

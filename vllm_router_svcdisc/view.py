@@ -24,10 +24,12 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from .k8s_objects import IPV4, IPV6, ServicePort, ServiceRecord, SliceRecord
+from .outliers import select
 from .types import EndpointInfo, ModelInfo, PodEndpoint
 
 PortSpec = int | str | None
@@ -53,6 +55,7 @@ class ViewConfig:
     port: PortSpec = None
     cluster_domain: str = "cluster.local"
     ip_family: str | None = None  # "IPv4" / "IPv6"; None = each Service's primary family
+    max_ejection_percent: float = 50.0  # the outlier cap (outliers.select)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,17 @@ class ServiceView:
     pod_infos: tuple[EndpointInfo, ...]
     ip_family: str = IPV4
     note: str | None = None  # a routable Service's caveat (headless pods on several ports)
+    ejected: Mapping[str, str] = field(default_factory=dict)  # pod URL -> why (outliers)
+    failing_open: Mapping[str, str] = field(default_factory=dict)  # kept in: cap reached
+
+    @property
+    def outlier_note(self) -> str | None:
+        """Says so when the cap keeps pods the policy would eject (failing open)."""
+        if not self.failing_open:
+            return None
+        ready = len(self.ready_pods)
+        return (f"failing open: {len(self.failing_open)} of {ready} ready pods would be ejected "
+                f"beyond the {len(self.ejected)} allowed out at once; they stay listed")
 
     @property
     def routable(self) -> bool:
@@ -231,21 +245,49 @@ def _uuid_of(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
+def mark_outliers(pods: tuple[PodEndpoint, ...], candidates: Mapping[str, str],
+                  ejected_before: Collection[str], percent: float
+                  ) -> tuple[tuple[PodEndpoint, ...], dict[str, str], dict[str, str]]:
+    """The pods with their outlier state, and (ejected, failing open) by URL, after the cap."""
+    ready = [pod.url for pod in pods if pod.routable]
+    ejected, held = select(ready, candidates, ejected_before, percent)
+    if not ejected and not held:
+        return pods, ejected, held
+    marked = tuple(
+        replace(pod, state="ejected", reason=ejected[pod.url]) if pod.url in ejected
+        else replace(pod, state="fail_open", reason=held[pod.url]) if pod.url in held
+        else pod
+        for pod in pods)
+    return marked, ejected, held
+
+
 def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
                probes: Mapping[str, ModelProbe], *, config: ViewConfig,
-               added: float, name_errors: Mapping[str, str] | None = None) -> ServiceView:
+               added: float, name_errors: Mapping[str, str] | None = None,
+               candidates: Mapping[str, str] | None = None,
+               ejected_before: Collection[str] = ()) -> ServiceView:
     """The view of one Service from its record, its slices and its pods' last model probes
     (``probes`` is keyed by pod URL; pods missing from it were not probed yet).
 
     ``name_errors`` says, by Service URL, why a Service's DNS name did not resolve at its last
     check (routers dial that name in Service routing); a URL absent from it resolved or was
-    not checked."""
+    not checked.
+
+    ``candidates`` are the pods the outlier policy would eject (pod URL -> why); at most
+    ``config.max_ejection_percent`` of the ready pods are, preferring ``ejected_before`` (the
+    previous view's), and the others stay listed (failing open).  Ejected pods stay in ``pods``
+    (state and reason set) and out of ``pod_infos``."""
     slices = tuple(slices)
     key = record.key
     family = choose_family(record, slices, config.ip_family)
     service_port = resolve_service_port(record.ports, config.port, headless=record.headless)
     pods = (merge_endpoints(record, slices, service_port, family)
             if service_port is not None else ())
+    ejected: dict[str, str] = {}
+    held: dict[str, str] = {}
+    if candidates:
+        pods, ejected, held = mark_outliers(pods, candidates, ejected_before,
+                                            config.max_ejection_percent)
     url = note = None
     if service_port is not None:
         port, note = dial_port(record, service_port, pods)
@@ -273,9 +315,14 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
                 model_label=record.model_label, pod_name=pod.name, service_name=record.name,
                 namespace=record.namespace, model_info=dict(own), pods=(pod,),
             )
-            for pod in ready if (own := pod_models(pod, probes))
+            for pod in ready if not pod.ejected and (own := pod_models(pod, probes))
         )
     pod_probes = {pod.url: probes[pod.url] for pod in ready if pod.url in probes}
     return ServiceView(key, record.namespace, record.name, url, service_port, pods, models,
                        partial, pod_probes, reason, endpoint_info, pod_infos, family,
-                       note if reason is None else None)
+                       note if reason is None else None,
+                       MappingProxyType(ejected) if ejected else _NONE,
+                       MappingProxyType(held) if held else _NONE)
+
+
+_NONE: Mapping[str, str] = MappingProxyType({})

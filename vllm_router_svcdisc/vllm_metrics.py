@@ -31,6 +31,7 @@ __all__ = [
     "PodSample",
     "aggregate_service",
     "parse_metrics",
+    "parse_progress",
     "pod_stats",
 ]
 
@@ -44,6 +45,8 @@ LEGACY_PREFIX_QUERIES = "vllm:gpu_prefix_cache_queries_total"
 LEGACY_PREFIX_HITS = "vllm:gpu_prefix_cache_hits_total"
 SLEEP_STATE = "vllm:engine_sleep_state"
 LORA_INFO = "vllm:lora_requests_info"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
 
 _WANTED = frozenset(
     {
@@ -57,6 +60,8 @@ _WANTED = frozenset(
         LEGACY_PREFIX_HITS,
         SLEEP_STATE,
         LORA_INFO,
+        PROMPT_TOKENS,
+        GENERATION_TOKENS,
     }
 )
 _LOAD_NAMES = (RUNNING, WAITING, KV_USAGE, LEGACY_KV_USAGE)
@@ -86,6 +91,7 @@ class PodSample:
     waiting_lora_adapters: tuple[str, ...]
     legacy_names: bool
     model_names: frozenset[str]
+    tokens: float | None = None  # prompt + generation tokens so far (None: neither exported)
 
 
 @dataclass(frozen=True)
@@ -362,7 +368,29 @@ def parse_metrics(text: str) -> PodSample:
         waiting_lora_adapters=waiting_adapters,
         legacy_names=kv_legacy or queries_legacy or hits_legacy,
         model_names=models,
+        tokens=_tokens(series),
     )
+
+
+def _tokens(series: Mapping[str, Mapping[_LabelKey, float]]) -> float | None:
+    """``vllm:prompt_tokens_total + vllm:generation_tokens_total`` over every rank and model,
+    None when the page has neither (then progress cannot be judged)."""
+    if not series.get(PROMPT_TOKENS) and not series.get(GENERATION_TOKENS):
+        return None
+    return sum(_values(series, PROMPT_TOKENS)) + sum(_values(series, GENERATION_TOKENS))
+
+
+def parse_progress(body: bytes) -> tuple[float | None, float]:
+    """(token counters' sum or None, requests running) from a ``/metrics`` body: what a
+    liveness check needs to tell a wedged engine from a busy one."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MetricsParseError("metrics body is not UTF-8 text") from None
+    series, _models = _collect(text)
+    if not series.get(RUNNING):
+        raise MetricsParseError("no vllm:num_requests_running on the page")
+    return _tokens(series), sum(_values(series, RUNNING))
 
 
 def _ratio(hits: float, queries: float) -> float:
@@ -419,7 +447,7 @@ def _union(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
 
 
 def aggregate_service(
-    readings: Sequence[PodReading], *, stale: int = 0, failed: int = 0
+    readings: Sequence[PodReading], *, stale: int = 0, failed: int = 0, ejected: int = 0
 ) -> EngineStats | None:
     """Fold the readings of a Service's pods into one :class:`EngineStats`.
 
@@ -447,6 +475,7 @@ def aggregate_service(
         pods_scraped=len(stats),
         pods_stale=stale,
         pods_failed=failed,
+        pods_ejected=ejected,
         sample_time=max(s.sample_time for s in stats),
         oldest_sample_time=min(s.oldest_sample_time for s in stats),
     )

@@ -8,6 +8,11 @@ into one entry, and a key added while it is being processed is processed once mo
 ends that backoff.  Time comes from an injected clock, so every rule here is unit-tested on a
 fake clock without sleeping.
 
+Idle getters follow a leader/followers pattern: one of them (the timer) waits until the earliest
+held-back key is due, the others wait until a key is ready for them, so a key coming due wakes
+one thread, not every idle one (with 32 workers and a thousand pods a second that was most of the
+queue's CPU: docs/benchmarks.md).
+
 Semantics follow client-go with one deliberate difference: ``shut_down`` drops what is still
 queued, because the prober and the scraper shut their queue down to close, and closing must not
 wait for pending work.
@@ -41,7 +46,13 @@ class WorkQueue(Generic[K]):
                  clock: Clock = SYSTEM_CLOCK) -> None:
         self._policy = backoff or BackoffPolicy()
         self._clock = clock
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        # One idle getter (the timer) waits for the earliest held-back key; the others wait
+        # to be handed a ready key, so a key coming due wakes one thread, not every idle one.
+        self._timer = threading.Condition(lock)
+        self._timing = False
+        self.wakeups = 0  # waits that ended (notified or timed out): what idle threads cost
         self._ready: deque[K] = deque()
         self._dirty: set[K] = set()  # queued, or to be queued again once processed
         self._processing: set[K] = set()
@@ -71,8 +82,11 @@ class WorkQueue(Generic[K]):
                 self._due[key] = due
                 earliest = not self._heap or due < self._heap[0][0]
                 heapq.heappush(self._heap, (due, next(self._order), key))
-                if earliest:  # only then does a waiting get need to wake sooner
-                    self._cond.notify()
+                if earliest:  # only then does the timer need to wake sooner
+                    if self._timing:
+                        self._timer.notify()
+                    else:
+                        self._cond.notify()  # an idle getter becomes the timer
 
     def add_rate_limited(self, key: K, retry_after: float | None = None) -> float:
         """Queue ``key`` after its backoff (one more failure of it); returns the delay."""
@@ -115,13 +129,23 @@ class WorkQueue(Generic[K]):
                     self._processing.add(key)
                     return key
                 wait = _MAX_WAIT
-                if self._heap:
+                timer = bool(self._heap) and not self._timing
+                if timer:
                     wait = min(wait, self._heap[0][0] - now)
                 if deadline is not None:
                     if now >= deadline:
                         return None
                     wait = min(wait, deadline - now)
-                self._cond.wait(max(wait, 0.001))
+                if timer:
+                    self._timing = True
+                    try:
+                        self._timer.wait(max(wait, 0.001))
+                    finally:
+                        self._timing = False
+                        self._cond.notify()  # another idle getter takes the timer over
+                else:
+                    self._cond.wait(max(wait, 0.001))
+                self.wakeups += 1
 
     def done(self, key: K) -> None:
         """``key`` is processed; if it was added meanwhile it is queued again now."""
@@ -140,6 +164,7 @@ class WorkQueue(Generic[K]):
             self._due.clear()
             self._heap.clear()
             self._cond.notify_all()
+            self._timer.notify_all()
 
     def __len__(self) -> int:
         """Keys ready to be processed (not the ones held back)."""

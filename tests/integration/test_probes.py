@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.integration.test_discovery import state
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.outliers import OutlierConfig
 from vllm_router_svcdisc.scraper import EngineStatsScraper
 from vllm_router_svcdisc.sim.cluster import SimCluster
 from vllm_router_svcdisc.sim.engine import EngineMode
@@ -80,7 +81,8 @@ def test_a_pod_behind_two_services_is_probed_and_scraped_once_and_counts_in_both
         cluster: SimCluster, make_discovery: Any) -> None:
     owner = cluster.add_service("llama", replicas=2)
     cluster.add_service("llama-peers", replicas=0, headless=True, selector=owner.selector)
-    discovery = make_discovery(cluster)
+    # no liveness checks: they read /metrics too
+    discovery = make_discovery(cluster, outliers=OutlierConfig(enabled=False))
     wait_for(lambda: len(discovery.get_endpoint_info()) == 2, 15.0, lambda: state(discovery))
     # intervals far longer than the test: every request counted below is the first one
     scraper = EngineStatsScraper(discovery, scrape_interval=120.0, stale_after=600.0)

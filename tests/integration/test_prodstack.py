@@ -7,6 +7,7 @@ script runs it, with the router's own command line.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
@@ -22,6 +23,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from tests.conftest import FAST_INFORMER, FAST_PROBE, wait_for
 from vllm_router_svcdisc import EngineStatsScraper, K8sServiceDiscovery, prodstack
+from vllm_router_svcdisc.outliers import OutlierConfig
+from vllm_router_svcdisc.probe import ProbeConfig
 from vllm_router_svcdisc.sim.cluster import SimCluster
 from vllm_router_svcdisc.sim.engine import EngineMode
 from vllm_router_svcdisc.telemetry import DiscoveryCollector, register_metrics
@@ -284,3 +287,48 @@ def test_standalone_the_library_configures_no_logger(
     assert (root.handlers, root.level) == (handlers, level)
     package = logging.getLogger("vllm_router_svcdisc")
     assert package.handlers == [] and package.propagate and package.level == logging.NOTSET
+
+
+def test_the_routers_own_request_failures_feed_the_outlier_policy(
+        cluster: SimCluster, host: None) -> None:
+    aiohttp = pytest.importorskip("aiohttp")  # production-stack's dependency, not ours
+    cluster.add_service("alpha", replicas=2)
+    pods = cluster.pods("alpha")
+    urls = _pod_urls(cluster, "alpha")
+    # every check of our own far apart: only the router's request can eject within the test
+    slow = {"outliers": OutlierConfig(liveness_interval=60.0),
+            "probe_config": ProbeConfig(interval=60.0, timeout=1.0)}
+    prodstack.install(discovery_options={"api_client": cluster.api_client(),
+                                         "informer_config": FAST_INFORMER, **slow})
+    args = [*ROUTER_ARGS, "--k8s-service-discovery-type", "pod-ip"]
+    args[args.index("--engine-stats-interval") + 1] = "60"
+    router = Router(args)
+    try:
+        wait_for(lambda: router.engines()["endpoints"] == urls, 20.0,
+                 lambda: f"endpoints {router.engines()}")
+        wrapper = router.app.state.aiohttp_client_wrapper
+        assert isinstance(wrapper, prodstack.OutcomeReportingClientWrapper)
+        crashed = f"http://{pods[0].ip}:{pods[0].engine.port}"
+        pods[0].engine.mode = EngineMode.DOWN
+
+        async def send() -> list[int | str]:
+            wrapper.start()  # what the router's lifespan does
+            seen: list[int | str] = []
+            try:
+                for url in urls:
+                    try:
+                        async with wrapper().post(url + "/v1/completions",
+                                                  json={"model": "m", "prompt": "hi"}) as reply:
+                            await reply.read()
+                            seen.append(reply.status)
+                    except aiohttp.ClientConnectorError:
+                        seen.append("refused")
+            finally:
+                await wrapper.stop()
+            return seen
+
+        assert sorted(map(str, asyncio.run(send()))) == ["200", "refused"]
+        wait_for(lambda: router.engines()["endpoints"] == [u for u in urls if u != crashed],
+                 10.0, lambda: f"endpoints {router.engines()}")
+    finally:
+        router.stop()

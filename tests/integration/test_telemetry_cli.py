@@ -100,7 +100,7 @@ def test_cli_table_and_json_rows_describe_each_service(cluster, make_discovery) 
     assert alpha["routable"] and alpha["ready"] == 2 and "sql-lora*" in alpha["models"]
     assert not gamma["routable"] and "no ready endpoints" in gamma["reason"]
     table = cli.render_table(rows)
-    assert table.splitlines()[0].split()[:3] == ["SERVICE", "READY", "MODELS"]
+    assert table.splitlines()[0].split()[:4] == ["SERVICE", "READY", "OUT", "MODELS"]
     assert "no ready endpoints" in table
     json.dumps(rows)  # JSON-ready
 

@@ -140,14 +140,17 @@ class Harness:
     # -- truth checks ------------------------------------------------------------------------
 
     def wait_endpoints_exact(self, timeout: float = 15.0,
-                             extra_keys: Iterable[str] = ()) -> None:
+                             extra_keys: Iterable[str] = (),
+                             ejected: Iterable[SimPod] = ()) -> None:
         """Service URLs, pod URLs and Service keys equal the simulator's truth: no ghost,
-        none missing; each routable Service lists exactly its ready pods."""
+        none missing; each routable Service lists exactly its ready pods (in its ``pods``),
+        and the pod view leaves out the ``ejected`` ones (outliers)."""
         extra = set(extra_keys)
+        out = {pod_url(self.cluster, p) for p in ejected}
 
         def expected() -> tuple[list[str], list[str], set[str]]:
             services, pods, keys = truth(self.cluster)
-            return services, pods, keys | extra
+            return services, [p for p in pods if p not in out], keys | extra
 
         wait_for(lambda: seen(self.discovery) == expected(), timeout,
                  lambda: f"expected {expected()}; got {describe(self.discovery)}")
@@ -160,8 +163,9 @@ class Harness:
         """Per-pod and per-Service stats equal what the engines serve.
 
         Every ready pod's engine gets a distinct ``running`` figure; answering pods must
-        report exactly it, ``failing`` pods must be absent (and counted as failed), and each
-        Service's figure must be the sum over its answering pods.
+        report exactly it, ``failing`` pods must be absent (and counted as failed, or as
+        ejected when the outlier policy took them out), and each Service's figure must be the
+        sum over its answering pods.
         """
         assert self.scraper is not None
         scraper = self.scraper
@@ -185,7 +189,8 @@ class Harness:
         def actual() -> tuple[dict[str, int], dict[str, tuple[int, int, int]]]:
             pods = {u: int(s.num_running_requests)
                     for u, s in scraper.get_pod_engine_stats().items()}
-            services = {u: (int(s.num_running_requests), s.pods_scraped, s.pods_failed)
+            services = {u: (int(s.num_running_requests), s.pods_scraped,
+                            s.pods_failed + s.pods_ejected)
                         for u, s in scraper.get_engine_stats().items()}
             return pods, services
 
@@ -214,10 +219,10 @@ class Harness:
         threads: list[threading.Thread] = [
             t for t in (d._services._thread, d._endpoints._thread, d._prober._thread)
             if t is not None]
-        threads += d._prober._workers
+        threads += d._prober._poller.threads + d._liveness.poller.threads
         if self.scraper is not None:
             threads.append(self.scraper._thread)
-            threads += self.scraper._workers
+            threads += self.scraper._poller.threads
         return threads
 
     def assert_alive(self) -> None:

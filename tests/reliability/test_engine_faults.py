@@ -1,9 +1,11 @@
 """Engines that misbehave: each fault on one pod (scraping) or one Service (model probes).
 
-The end state is compared exactly with the simulator: the faulty pod stays in the endpoint
-set (Kubernetes says it is ready) but not in the stats, where it counts as failed; every other
-pod's stats are exact.  Failures are logged once per state change, not once per retry: the
-tests count a pod's (or Service's) log records over several retry cycles.  Every test ends
+The end state is compared exactly with the simulator: the faulty pod stays in its Service's
+endpoints (Kubernetes says it is ready) but not in the stats, where it counts as failed; an
+engine that refuses connections or answers 5xx also leaves the pod view (the outlier policy
+ejects it; it counts as ejected in the stats); every other pod's stats are exact.  Failures
+are logged once per state change, not once per retry: the tests count a pod's (or Service's)
+log records over several retry cycles.  Every test ends
 with the harness invariants (nothing escaped ``get_*()``, no thread died, ``close()`` < 2 s).
 """
 
@@ -45,17 +47,23 @@ def metrics_requests(pod: SimPod) -> Callable[[], int]:
 
 
 def assert_pod_fault_contained(harness: Harness, bad: SimPod,
-                               attempts: Callable[[], int]) -> None:
-    """Only ``bad``'s stats go; its failure is logged once over several retry cycles."""
+                               attempts: Callable[[], int], *, ejected: bool = False) -> None:
+    """Only ``bad``'s stats go; its failure is logged once over several retry cycles.
+
+    Kubernetes still says ready: the Service keeps it; the pod view keeps it too unless the
+    fault is one the outlier policy ejects for (``ejected``: then logged once as well)."""
     url = pod_url(harness.cluster, bad)
+    out = [bad] if ejected else []
     harness.wait_stats_exact(failing=[bad])
-    harness.wait_endpoints_exact()  # Kubernetes still says ready: discovery keeps it listed
+    harness.wait_endpoints_exact(ejected=out)
     first = attempts()
     wait_for(lambda: attempts() >= first + MIN_RETRIES, 15,
              lambda: f"{url} retried only {attempts() - first} times")
     harness.wait_stats_exact(failing=[bad])
     failures = harness.records(f"scraping {url} failed", logging.WARNING)
     assert len(failures) == 1, [r.getMessage() for r in failures]
+    ejections = harness.records(f"({url}) ejected", logging.WARNING)
+    assert len(ejections) == int(ejected), [r.getMessage() for r in ejections]
 
 
 def assert_pod_recovers(harness: Harness, bad: SimPod) -> None:
@@ -88,7 +96,7 @@ def test_slow_loris_engine_trickling_bytes_is_cut_off_by_the_body_deadline(harne
 def test_engine_answering_500_loses_only_its_own_stats(harness, cluster):
     bad = cluster.pods("vllm-a")[1]
     bad.engine.mode = EngineMode.ERROR500
-    assert_pod_fault_contained(harness, bad, metrics_requests(bad))
+    assert_pod_fault_contained(harness, bad, metrics_requests(bad), ejected=True)
     bad.engine.mode = EngineMode.OK
     assert_pod_recovers(harness, bad)
     harness.finish()
@@ -161,7 +169,8 @@ def test_engine_refusing_connections_loses_only_its_own_stats(harness, cluster):
     assert scraper is not None
     bad.engine.mode = EngineMode.DOWN
     assert_pod_fault_contained(
-        harness, bad, lambda: scraper.telemetry().failures_by_cause.get("connection", 0))
+        harness, bad, lambda: scraper.telemetry().failures_by_cause.get("connection", 0),
+        ejected=True)
     bad.engine.mode = EngineMode.OK
     assert_pod_recovers(harness, bad)
     harness.finish()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,9 +14,16 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_router_svcdisc.sim.engine import EngineMode, FakeEngine, split_evenly, wait_until
+from vllm_router_svcdisc.sim.engine import (
+    EngineMode,
+    FakeEngine,
+    accept_queue,
+    split_evenly,
+    wait_until,
+)
 
 PORT = 18000
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -474,3 +482,280 @@ def test_idle_keepalive_connections_close_after_the_keepalive_timeout() -> None:
             assert conn.sock is not None and _closed_by_server(conn.sock)
         finally:
             conn.close()
+
+
+# -- a dead node: cut_network / restore_network ---------------------------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the dropped-SYN behaviour is Linux's")
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response (headers, then Content-Length bytes) from ``sock``."""
+    data = b""
+    for _ in range(10_000):
+        if b"\r\n\r\n" in data:
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(body) >= length:
+                return data
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+_GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@linux_only
+def test_cut_network_new_connections_time_out_not_refused(engine: FakeEngine) -> None:
+    assert requests.get(engine.url + "/health", timeout=5).status_code == 200
+    engine.cut_network()
+    assert engine.partitioned and engine.is_listening  # the process is fine: its node is not
+    with pytest.raises(TimeoutError):  # no SYN-ACK and no RST: not ConnectionRefusedError
+        socket.create_connection(engine.address, timeout=0.5).close()
+    with pytest.raises(requests.exceptions.ConnectTimeout):
+        requests.get(engine.url + "/health", timeout=0.5)
+    with urllib3.PoolManager(retries=False) as pool, \
+            pytest.raises(urllib3.exceptions.ConnectTimeoutError):
+        pool.request("GET", engine.url + "/health", timeout=urllib3.Timeout(connect=0.5))
+    assert engine.request_counts() == {"/health": 1}
+    engine.restore_network()
+    assert requests.get(engine.url + "/health", timeout=5).status_code == 200
+
+
+@linux_only
+def test_cut_network_fills_the_listeners_accept_queue() -> None:
+    with FakeEngine(next_ip(), PORT) as eng:
+        eng.cut_network()
+        assert eng._cut is not None
+        queued, backlog = accept_queue(eng._cut.sock) or (0, 0)
+        assert queued > backlog  # the kernel drops SYNs to a full accept queue
+
+
+def test_cut_network_open_keepalive_connection_gets_nothing_back_until_restored(
+        engine: FakeEngine) -> None:
+    sock = socket.create_connection(engine.address, timeout=5)
+    try:
+        sock.sendall(_GET_HEALTH)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+        engine.cut_network()
+        sock.sendall(_GET_HEALTH)  # the send succeeds: nothing tells the client
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # no answer, no FIN, no reset
+            sock.recv(1)
+        assert engine.request_counts()["/health"] == 1
+        engine.restore_network()  # the held request is answered on the same connection
+        sock.settimeout(5)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()
+
+
+def test_cut_network_request_in_flight_hangs(engine: FakeEngine) -> None:
+    engine.mode = EngineMode.SLOW
+    engine.slow_delay = 0.2
+    conn = http.client.HTTPConnection(engine.ip, engine.port, timeout=5)
+    try:
+        conn.request("POST", "/v1/completions", body=b"{}",
+                     headers={"Content-Type": "application/json"})
+        assert wait_until(lambda: engine.request_counts().get("/v1/completions") == 1, 5)
+        engine.cut_network()
+        assert conn.sock is not None
+        conn.sock.settimeout(1.0)  # five times the answer's delay
+        with pytest.raises(TimeoutError):
+            conn.getresponse()
+    finally:
+        conn.close()
+
+
+def test_cut_network_idle_connection_outlives_the_keepalive_timeout() -> None:
+    with FakeEngine(next_ip(), PORT) as eng:
+        eng.keepalive_timeout = 0.1
+        sock = socket.create_connection(eng.address, timeout=5)
+        try:
+            sock.sendall(_GET_HEALTH)
+            assert _read_response(sock).startswith(b"HTTP/1.1 200")
+            eng.cut_network()
+            sock.settimeout(1.0)  # ten keep-alive timeouts: a live engine would have closed
+            with pytest.raises(TimeoutError):
+                sock.recv(1)
+            eng.restore_network()  # the deferred close arrives now
+            assert _closed_by_server(sock)
+        finally:
+            sock.close()
+
+
+@linux_only
+def test_process_changes_while_cut_off_show_when_restored(engine: FakeEngine) -> None:
+    engine.cut_network()
+    engine.mode = EngineMode.DOWN  # the process crashed while its node was away
+    with pytest.raises(TimeoutError):
+        socket.create_connection(engine.address, timeout=0.5).close()
+    engine.restore_network()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(engine.address, timeout=2).close()
+    engine.cut_network()  # a listener that was closed: still a time-out, never a refusal
+    with pytest.raises(TimeoutError):
+        socket.create_connection(engine.address, timeout=0.5).close()
+    engine.mode = EngineMode.OK
+    engine.restore_network()
+    assert requests.get(engine.url + "/health", timeout=5).status_code == 200
+
+
+@linux_only
+def test_sigterm_while_cut_off_takes_effect_when_restored(engine: FakeEngine) -> None:
+    engine.cut_network()
+    engine.drain()
+    with pytest.raises(TimeoutError):
+        socket.create_connection(engine.address, timeout=0.5).close()
+    engine.restore_network()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(engine.address, timeout=2).close()
+
+
+def test_stop_while_cut_off_is_prompt_and_frees_the_port() -> None:
+    eng = FakeEngine(next_ip(), PORT).start()
+    sock = socket.create_connection(eng.address, timeout=5)
+    try:
+        sock.sendall(_GET_HEALTH)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+        eng.cut_network()
+        sock.sendall(_GET_HEALTH)
+        started = time.monotonic()
+        eng.stop()
+        assert time.monotonic() - started < 2.0
+        assert _closed_by_server(sock)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(eng.address, timeout=2).close()
+    finally:
+        sock.close()
+
+
+# -- wedged engine, token counters --------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _tokens(eng: FakeEngine) -> tuple[float, float, float]:
+    """(running, prompt tokens, generation tokens) as a scrape through HTTP sees them."""
+    page = samples(requests.get(eng.url + "/metrics", timeout=5).text)
+    return (sum(per_rank(page["vllm:num_requests_running"]).values()),
+            sum(per_rank(page["vllm:prompt_tokens_total"]).values()),
+            sum(per_rank(page["vllm:generation_tokens_total"]).values()))
+
+
+def test_token_counters_move_with_served_and_running_requests() -> None:
+    clock = FakeClock()
+    with FakeEngine(next_ip(), PORT, dp_ranks=2, clock=clock) as eng:
+        page = samples(requests.get(eng.url + "/metrics", timeout=5).text)
+        for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+            assert {lbl["engine"] for lbl, _ in page[name]} == {"0", "1"}
+            assert {lbl["model_name"] for lbl, _ in page[name]} == {eng.model}
+        assert _tokens(eng) == (0, 0, 0)
+        reply = requests.post(eng.url + "/v1/completions", json={"prompt": "hi"}, timeout=5)
+        usage = reply.json()["usage"]
+        assert _tokens(eng) == (0, usage["prompt_tokens"], usage["completion_tokens"])
+        eng.running = 2
+        clock.now += 10.0  # two requests decoding for 10 s
+        running, prompt, generated = _tokens(eng)
+        assert running == 2 and prompt == usage["prompt_tokens"]
+        assert generated == usage["completion_tokens"] + 2 * eng.decode_rate * 10.0
+
+
+def test_wedged_engine_answers_probes_holds_completions_and_stops_its_counters() -> None:
+    clock = FakeClock()
+    with FakeEngine(next_ip(), PORT, clock=clock) as eng:
+        requests.post(eng.url + "/v1/completions", json={"prompt": "hi"}, timeout=5)
+        eng.running = 1
+        eng.mode = EngineMode.WEDGED
+        assert requests.get(eng.url + "/health", timeout=5).status_code == 200
+        assert requests.get(eng.url + "/v1/models", timeout=5).status_code == 200
+        with pytest.raises(requests.exceptions.ReadTimeout):  # accepted, never finished
+            requests.post(eng.url + "/v1/completions", json={"prompt": "hi"}, timeout=0.3)
+        assert eng.request_counts()["/v1/completions"] == 2
+        assert wait_until(lambda: _tokens(eng)[0] == 2, 5)  # 1 + the held one
+        before = _tokens(eng)
+        clock.now += 60.0
+        assert _tokens(eng) == before  # running > 0, nothing moves
+
+
+def test_wedged_completion_is_answered_when_the_engine_recovers() -> None:
+    clock = FakeClock()
+    with FakeEngine(next_ip(), PORT, clock=clock) as eng:
+        eng.mode = EngineMode.WEDGED
+        replies: list[int] = []
+        worker = threading.Thread(target=lambda: replies.append(requests.post(
+            eng.url + "/v1/completions", json={"prompt": "hi"}, timeout=30).status_code))
+        worker.start()
+        assert wait_until(lambda: _tokens(eng)[0] == 1, 5)
+        assert _tokens(eng)[1:] == (0, 0)
+        eng.mode = EngineMode.OK
+        worker.join(10)
+        assert replies == [200]
+        assert wait_until(lambda: _tokens(eng) == (0, 4, 2), 5)
+
+
+def test_stop_releases_wedged_completions() -> None:
+    eng = FakeEngine(next_ip(), PORT).start()
+    eng.mode = EngineMode.WEDGED
+    errors: list[Exception] = []
+
+    def post() -> None:
+        try:
+            requests.post(eng.url + "/v1/completions", json={"prompt": "hi"}, timeout=30)
+        except requests.RequestException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=post)
+    worker.start()
+    assert wait_until(lambda: eng.request_counts().get("/v1/completions") == 1, 5)
+    eng.stop()
+    worker.join(10)
+    assert not worker.is_alive() and len(errors) == 1
+
+
+# -- slow /metrics -----------------------------------------------------------------------------
+
+def test_slow_metrics_delays_scrapes_while_completions_are_served(engine: FakeEngine) -> None:
+    engine.mode = EngineMode.SLOW_METRICS
+    engine.slow_delay = 30.0
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.get(engine.url + "/metrics", timeout=0.3)
+    with requests.Session() as session:
+        for _ in range(3):
+            reply = session.post(engine.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+            assert reply.status_code == 200
+        assert session.get(engine.url + "/health", timeout=5).status_code == 200
+        assert session.get(engine.url + "/v1/models", timeout=5).status_code == 200
+
+
+def test_slow_metrics_answer_when_the_spell_ends(engine: FakeEngine) -> None:
+    engine.mode = EngineMode.SLOW_METRICS
+    engine.slow_delay = 60.0
+    replies: list[int] = []
+    worker = threading.Thread(target=lambda: replies.append(
+        requests.get(engine.url + "/metrics", timeout=30).status_code))
+    worker.start()
+    assert wait_until(lambda: engine.request_counts().get("/metrics") == 1, 5)
+    engine.mode = EngineMode.OK  # the long prefill is over
+    worker.join(10)
+    assert replies == [200]
+
+
+def test_slow_paths_can_include_health_and_models(engine: FakeEngine) -> None:
+    engine.mode = EngineMode.SLOW_METRICS
+    engine.slow_delay = 30.0
+    engine.slow_paths = frozenset({"/metrics", "/health", "/v1/models"})
+    for path in ("/health", "/v1/models"):
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.get(engine.url + path, timeout=0.3)
+    assert requests.post(engine.url + "/v1/completions", json={}, timeout=5).status_code == 200

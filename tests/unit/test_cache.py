@@ -8,6 +8,7 @@ import pytest
 
 from tests.unit.test_view import endpoint, eps, service
 from vllm_router_svcdisc.cache import DiscoveryCache, ProbeTarget
+from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.informer import ADDED, DELETED, Change
 from vllm_router_svcdisc.types import ModelInfo
 from vllm_router_svcdisc.view import ModelProbe
@@ -181,3 +182,45 @@ def test_a_re_probe_that_changes_nothing_costs_no_publish(cache: Any) -> None:
     c.set_probes([(P2, probe("m1", "m3"))])  # a change: published
     assert c.publish_stats()[0] == publishes + 1
     assert c.snapshot.services["ns/one"].partial_models == ("m2", "m3")
+
+
+def test_an_ejection_rebuilds_only_the_services_of_that_pod(cache: Any) -> None:
+    c, _ = cache
+    shared_pods_cluster(c)
+    c.apply_service_changes([add(service("other"))])
+    c.apply_endpoint_changes([add(eps("other-a", [endpoint("p9", "10.1.0.9")], svc="other"))])
+    before = c.snapshot
+    c.set_candidates({P1: "refused: cannot connect"})
+    after = c.snapshot
+    assert after.version == before.version + 1  # one publish
+    assert after.services["ns/other"] is before.services["ns/other"]  # untouched
+    for key in ("ns/one", "ns/all"):
+        view = after.services[key]
+        assert dict(view.ejected) == {P1: "refused: cannot connect"}
+        assert {p.url: p.state for p in view.pods} == {P1: "ejected", P2: "ok"}
+    assert [i.url for i in after.pod_infos if i.url in (P1, P2)] == [P2]
+    assert c.ejections_by_reason == {"refused": 2}  # once per Service it was ejected from
+    c.set_candidates({P1: "refused: cannot connect"})  # the same verdict again: no publish
+    assert c.snapshot is after
+    c.set_candidates({P1: None})
+    assert sorted(i.url for i in c.snapshot.pod_infos if i.url in (P1, P2)) == [P1, P2]
+
+
+def test_a_readiness_blip_keeps_a_pods_models_within_the_window() -> None:
+    clock = FakeClock()
+    c = DiscoveryCache(port=None, cluster_domain="cluster.local", blip_window=30.0,
+                       clock=clock)
+    c.apply_service_changes([add(service("one"))])
+    ready = [endpoint("p1", "10.1.0.1"), endpoint("p2", "10.1.0.2")]
+    blip = [endpoint("p1", "10.1.0.1", ready=False), endpoint("p2", "10.1.0.2")]
+    c.apply_endpoint_changes([add(eps("one-a", ready, svc="one"))])
+    c.set_probes([(P1, probe("m1")), (P2, probe("m1"))])
+    c.apply_endpoint_changes([add(eps("one-a", blip, svc="one"))])
+    clock.advance(10)
+    c.apply_endpoint_changes([add(eps("one-a", ready, svc="one"))])
+    # listed again at once, with its models, before any new probe
+    assert sorted(i.url for i in c.snapshot.pod_infos) == [P1, P2]
+    c.apply_endpoint_changes([add(eps("one-a", blip, svc="one"))])
+    clock.advance(31)
+    c.apply_endpoint_changes([add(eps("one-a", ready, svc="one"))])  # too late: probed afresh
+    assert [i.url for i in c.snapshot.pod_infos] == [P2]

@@ -172,3 +172,27 @@ def test_worker_threads_survive_a_failing_handler_and_mark_every_key_done() -> N
         worker.join(5.0)
     assert not any(w.is_alive() for w in workers)
     assert [w.name for w in workers] == ["test-worker-0", "test-worker-1"]
+
+
+def test_a_key_coming_due_wakes_one_idle_worker_not_all_of_them() -> None:
+    """Idle workers: one waits for the earliest held-back key, the others to be handed one,
+    so the wakeups per key stay a small constant however many workers idle."""
+    queue: WorkQueue[str] = WorkQueue(backoff=POLICY)
+    done = threading.Semaphore(0)
+
+    def handle(key: str) -> None:
+        done.release()
+
+    workers = worker_threads(queue, handle, count=16, name="test-idle")
+    for worker in workers:
+        worker.start()
+    keys = 200
+    for i in range(keys):
+        queue.add_after(f"k{i}", 0.002 * (i + 1))
+    for _ in range(keys):
+        assert done.acquire(timeout=10.0)
+    queue.shut_down()
+    for worker in workers:
+        worker.join(5.0)
+    # every idle worker waking for every key would be 16 per key
+    assert queue.wakeups < 4 * keys, queue.wakeups

@@ -8,6 +8,11 @@ Service (its *owner*, which scales and deletes it) is also behind every other Se
 selector its labels match.  Every method is synchronous: when it returns, the API server
 already holds the new state (watchers see it as fast as their streams deliver).
 
+Pods run on nodes (spread over the cluster's nodes, or over a Service's own ``nodes``); a node
+can die (:meth:`SimCluster.kill_node`: its engines stop answering at the network level while the
+node lifecycle controller keeps their endpoints ready for the node grace period) and come back
+(:meth:`SimCluster.revive_node`).
+
 Topologies beyond the plain one (each as the real controllers write it): headless Services,
 ``publishNotReadyAddresses``, dual-stack slice pairs, endpoints with several addresses,
 hostNetwork pods sharing the node's IP on different ports, a named ``targetPort`` resolving
@@ -36,6 +41,9 @@ from .engine import FakeEngine
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 ENGINE_PORT = 8000
 SLICE_CAPACITY = 100
+DEFAULT_NODES = ("sim-node-1", "sim-node-2", "sim-node-3")
+#: kube-controller-manager's ``--node-monitor-grace-period`` since Kubernetes 1.32 (40 s before)
+NODE_MONITOR_GRACE_PERIOD = 50.0
 
 # Pod IPs come from 127.64.0.0/10 and ClusterIPs from 127.32.0.0/11, one process-wide counter
 # each, so several clusters in one process never collide; each process starts in its own
@@ -89,7 +97,7 @@ class SimPod:
     """A pod: its engine, its IP(s), its labels and its readiness as the kubelet reports it.
 
     ``service`` names the Service that created it (its owner); ``port`` is its container port
-    (what a named ``targetPort`` resolves to).
+    (what a named ``targetPort`` resolves to); ``node_name`` is the node it runs on.
     """
 
     name: str
@@ -106,6 +114,20 @@ class SimPod:
     ipv6: str | None = None
     extra_addresses: tuple[str, ...] = ()
     host_network: bool = False
+
+    @property
+    def node(self) -> str:
+        return self.node_name
+
+
+@dataclass
+class _Node:
+    """A node as the node lifecycle controller tracks it."""
+
+    name: str
+    alive: bool = True
+    timer: threading.Timer | None = None  # MarkPodsNotReady after the grace period
+    marked: dict[tuple[str, str], bool] = field(default_factory=dict)  # pod -> its readiness
 
 
 @dataclass
@@ -138,6 +160,8 @@ class SimService:
     host_network: bool = False
     extra_addresses: int = 0
     node_ip: str | None = None  # hostNetwork pods: the one node IP they all share
+    nodes: tuple[str, ...] = ()  # where its pods may run (empty: every node of the cluster)
+    ordinal: int = 0  # creation order: where the round-robin over the nodes starts
 
     @property
     def key(self) -> str:
@@ -173,6 +197,8 @@ class SimCluster:
         api: FakeApiServer | None = None,
         bookmark_interval: float = 1.0,
         engine_factory: EngineFactory | None = None,
+        nodes: Sequence[str] = DEFAULT_NODES,
+        node_grace: float = NODE_MONITOR_GRACE_PERIOD,
     ) -> None:
         self.cluster_domain = cluster_domain
         self._engine_factory: EngineFactory = engine_factory or FakeEngine
@@ -189,6 +215,9 @@ class SimCluster:
         self._lock = threading.RLock()
         self._timers: list[threading.Timer] = []
         self._started = False
+        self._nodes: dict[str, _Node] = {name: _Node(name) for name in nodes or DEFAULT_NODES}
+        self.node_grace = node_grace
+        self._service_ordinal = itertools.count()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -206,6 +235,9 @@ class SimCluster:
             pods = list(self._pods.values())
         for timer in timers:
             timer.cancel()
+        for timer in timers:
+            if timer is not threading.current_thread():
+                timer.join(timeout=2.0)
         for pod in pods:
             pod.engine.stop()
         for service in services:
@@ -248,6 +280,7 @@ class SimCluster:
         host_network: bool = False,
         extra_addresses: int = 0,
         portless: bool = False,
+        nodes: Sequence[str] = (),
         **engine_options: Any,
     ) -> SimService:
         """Create a Service with ``replicas`` pods (engines started, endpoints published).
@@ -261,6 +294,8 @@ class SimCluster:
         distinct port); ``host_network`` puts every new pod on one shared node IP (needs
         distinct ``pod_ports``); ``extra_addresses`` lists that many more (unreachable)
         addresses per endpoint; ``portless`` is a headless Service without ports.
+        ``nodes`` are where its pods run (round-robin; default every node of the cluster, the
+        round-robin starting one node further for each Service); unknown names become nodes.
         ``engine_options`` go to every :class:`FakeEngine` (``api_key``, ``lora_adapters``,
         ``dp_ranks``, ``legacy_names``...).
         """
@@ -279,8 +314,11 @@ class SimCluster:
                 target_port=port_name if pod_ports else self.engine_port,
                 publish_not_ready=publish_not_ready, dual_stack=dual_stack, portless=portless,
                 pod_ports=tuple(pod_ports), host_network=host_network,
-                extra_addresses=extra_addresses,
+                extra_addresses=extra_addresses, nodes=tuple(nodes),
+                ordinal=next(self._service_ordinal),
             )
+            for node in nodes:
+                self._nodes.setdefault(node, _Node(node))
             if not headless:
                 backends = self._backends_of(service)
                 service.proxy = _on_free_ip(_SERVICE_NET, _service_counter,
@@ -378,10 +416,12 @@ class SimCluster:
             for affected in {service.key: service, **{s.key: s for s in others}}.values():
                 self._sync_endpoints(affected)
 
-    def add_pod(self, name: str, namespace: str = "default", *, ready: bool = True) -> SimPod:
+    def add_pod(self, name: str, namespace: str = "default", *, ready: bool = True,
+                node: str | None = None) -> SimPod:
+        """One more pod for the Service, on ``node`` (default: the next live node in turn)."""
         with self._lock:
             service = self.service(name, namespace)
-            pod = self._new_pod(service, ready=ready)
+            pod = self._new_pod(service, ready=ready, node=node)
             self._sync_pod(pod)
             return pod
 
@@ -426,14 +466,111 @@ class SimCluster:
             return
         self._after(endpoint_delay, self._finish_if_present, pod)
 
-    def _after(self, seconds: float, action: Callable[[SimPod], None], pod: SimPod) -> None:
-        """Run ``action(pod)`` in ``seconds`` on a timer that :meth:`stop` cancels."""
-        timer = threading.Timer(seconds, action, args=(pod,))
+    def _after(self, seconds: float, action: Callable[..., None], *args: Any) -> threading.Timer:
+        """Run ``action(*args)`` in ``seconds`` on a timer that :meth:`stop` cancels."""
+        timer = threading.Timer(seconds, action, args=args)
+        timer.name = f"sim-timer-{getattr(action, '__name__', 'action')}"
         timer.daemon = True
         with self._lock:
             self._timers = [t for t in self._timers if t.is_alive()]  # forget fired ones
             self._timers.append(timer)
         timer.start()
+        return timer
+
+    # -- nodes -------------------------------------------------------------------------------
+
+    def nodes(self) -> list[str]:
+        with self._lock:
+            return list(self._nodes)
+
+    def node_alive(self, name: str) -> bool:
+        with self._lock:
+            return self._nodes[name].alive
+
+    def pods_on(self, node: str) -> list[SimPod]:
+        """The pods running on ``node``."""
+        with self._lock:
+            return [p for p in self._pods.values() if p.node_name == node]
+
+    def kill_node(self, name: str, grace: float | None = None) -> list[SimPod]:
+        """The node dies (power, kernel, network partition); returns its pods.
+
+        At once every engine on it stops answering at the network level
+        (:meth:`FakeEngine.cut_network`: new connections time out, open ones get nothing back),
+        while the EndpointSlices keep the pods as they were.  After ``grace`` seconds (default
+        ``node_grace``, 50 s: ``--node-monitor-grace-period``) the node lifecycle controller
+        marks the pods not ready (``Ready=False``: ``ready`` and ``serving`` false), as
+        ``MarkPodsNotReady`` does.  New pods are not placed on a dead node.
+        """
+        with self._lock:
+            node = self._nodes[name]
+            if not node.alive:
+                return self.pods_on(name)
+            node.alive = False
+            pods = self.pods_on(name)
+        for pod in pods:
+            cut = getattr(pod.engine, "cut_network", None)
+            if cut is None:
+                raise TypeError(f"{type(pod.engine).__name__} cannot be cut off the network")
+            cut()
+        delay = self.node_grace if grace is None else grace
+        with self._lock:
+            if node.alive:  # revived meanwhile
+                return pods
+            node.timer = self._after(max(0.0, delay), self._mark_pods_not_ready, name)
+        return pods
+
+    def revive_node(self, name: str) -> list[SimPod]:
+        """The node is back: its engines answer again (connections held meanwhile carry on) and
+        pods the controller had marked not ready get their readiness back (the kubelet reports
+        it again); a pending grace-period timer is cancelled.  Returns the node's pods."""
+        with self._lock:
+            node = self._nodes[name]
+            if node.alive:
+                return self.pods_on(name)
+            node.alive = True
+            timer, node.timer = node.timer, None
+            marked, node.marked = node.marked, {}
+            pods = self.pods_on(name)
+        if timer is not None:
+            timer.cancel()
+        for pod in pods:
+            restore = getattr(pod.engine, "restore_network", None)
+            if restore is not None:
+                restore()
+        with self._lock:
+            for pod in pods:
+                key = (pod.namespace, pod.name)
+                if key in marked and self._pods.get(key) is pod:
+                    pod.ready = marked[key]
+                    self.api.put("pods", self._pod_object(pod))
+                    self._sync_pod(pod)
+        return pods
+
+    def _mark_pods_not_ready(self, name: str) -> None:
+        """The node lifecycle controller gives up on the node: its pods become not ready."""
+        with self._lock:
+            node = self._nodes[name]
+            if node.alive:
+                return
+            node.timer = None
+            for pod in self.pods_on(name):
+                key = (pod.namespace, pod.name)
+                node.marked.setdefault(key, pod.ready)
+                if pod.ready:
+                    pod.ready = False
+                    self.api.put("pods", self._pod_object(pod))
+                    self._sync_pod(pod)
+
+    def _place(self, owner: SimService, index: int) -> str:
+        """The node for the owner's ``index``-th pod: round-robin over its nodes (or the
+        cluster's, starting one further per Service), skipping dead ones."""
+        candidates = list(owner.nodes) or list(self._nodes)
+        start = 0 if owner.nodes else owner.ordinal
+        if owner.host_network:  # they share the node's IP: one node
+            return candidates[start % len(candidates)]
+        live = [n for n in candidates if self._nodes[n].alive] or candidates
+        return live[(start + index) % len(live)]
 
     def reschedule(self, pod: SimPod) -> SimPod:
         """Delete the pod and start a replacement with a new IP (ready at once)."""
@@ -478,7 +615,7 @@ class SimCluster:
         for service in self._services_of(pod):
             self._sync_endpoints(service)
 
-    def _new_pod(self, owner: SimService, *, ready: bool) -> SimPod:
+    def _new_pod(self, owner: SimService, *, ready: bool, node: str | None = None) -> SimPod:
         index = owner.next_pod
         name = f"{owner.name}-{index}-{uuid.uuid4().hex[:5]}"
         owner.next_pod += 1
@@ -495,9 +632,14 @@ class SimCluster:
             engine = _on_free_ip(_POD_NET, _pod_counter, start)
             if owner.host_network:
                 owner.node_ip = engine.ip
+        node_name = node or self._place(owner, index)
+        self._nodes.setdefault(node_name, _Node(node_name))
+        cut = getattr(engine, "cut_network", None)
+        if not self._nodes[node_name].alive and cut is not None:
+            cut()
         pod = SimPod(name=name, namespace=owner.namespace, service=owner.name, ip=engine.ip,
                      engine=engine, ready=ready, labels=dict(owner.selector), port=port,
-                     host_network=owner.host_network)
+                     host_network=owner.host_network, node_name=node_name)
         if owner.dual_stack:
             pod.ipv6 = _next_ip(_POD_NET6, _pod6_counter)
         pod.extra_addresses = tuple(_next_ip(_EXTRA_NET, _extra_counter)

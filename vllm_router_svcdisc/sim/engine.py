@@ -4,7 +4,8 @@ Each :class:`FakeEngine` is a small stdlib HTTP/1.1 server listening on its own 
 (standing in for a pod IP). It serves the endpoints that a router's discovery and scraping code
 read from a vLLM 0.33 OpenAI server (``/metrics``, ``/v1/models``, ``/health``,
 ``POST /v1/completions``) and can be switched at any time into failure modes (black hole, slow,
-garbage, HTTP 500, oversize, down).
+garbage, HTTP 500, oversize, down, wedged, slow ``/metrics``), and cut off the network as a dead
+node is (:meth:`FakeEngine.cut_network`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import enum
 import json
 import select
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -31,7 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["EngineMode", "FakeEngine", "split_evenly", "wait_until"]
+__all__ = ["EngineMode", "FakeEngine", "accept_queue", "split_evenly", "wait_until"]
 
 SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
 
@@ -47,6 +49,10 @@ _MAX_LORA_HISTORY = 16
 _POLL = 0.05  # seconds; bound of every internal wait loop
 KEEPALIVE_TIMEOUT = 5.0  # uvicorn's default timeout_keep_alive: idle connections close after it
 _TRICKLE_LIMIT = 120.0  # a trickled response gives up after this long
+_HOLD_LIMIT = 600.0  # a black-holed, wedged or cut-off connection is held at most this long
+_CUT_BACKLOG = 1  # listen backlog of a cut-off listener: its accept queue holds 2 connections
+_FILLERS_MAX = 8  # connections made to fill a cut-off listener's accept queue, at most
+_FILL_WAIT = 0.5  # seconds one filler connection may take
 
 
 class EngineMode(enum.StrEnum):
@@ -61,6 +67,11 @@ class EngineMode(enum.StrEnum):
     DOWN = "down"  # listening socket closed: connections refused
     TRICKLE = "trickle"  # slow loris: headers at once, then the body one byte per
     #                      ``trickle_interval`` seconds (on /metrics and /v1/*)
+    WEDGED = "wedged"  # stuck EngineCore: /health, /v1/models, /metrics answer 200, completions
+    #                    are accepted and held unanswered, running > 0, token counters frozen
+    SLOW_METRICS = "slow_metrics"  # a long prefill blocks the event loop: GETs of
+    #                    ``slow_paths`` (/metrics) answer after ``slow_delay`` s or when the
+    #                    mode ends, whichever is first; completions are served as usual
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -82,6 +93,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, engine: FakeEngine, address: tuple[str, int]) -> None:
         self.engine = engine
         self.release = threading.Event()  # set when this server is torn down
+        self.listening = True  # False once its listening socket is closed (SIGTERM)
         self._conns: dict[socket.socket, bool] = {}  # connection -> a request is in flight
         self._conns_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -115,6 +127,7 @@ class _Server(ThreadingHTTPServer):
 
     def stop_listening(self) -> None:
         """Close the listening socket: new connections are refused from now on."""
+        self.listening = False
         self.shutdown()
         self.server_close()
 
@@ -137,6 +150,82 @@ class _Server(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
 
+def accept_queue(listener: socket.socket) -> tuple[int, int] | None:
+    """``(queued, backlog)`` of a listening socket on Linux (``TCP_INFO`` reports the accept
+    queue's length as ``tcpi_unacked`` and its limit as ``tcpi_sacked``); None elsewhere.
+    The queue is full, and new SYNs are dropped, once ``queued > backlog``."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    try:
+        raw = listener.getsockopt(socket.IPPROTO_TCP, option, 104)
+    except OSError:
+        return None
+    if len(raw) < 32:
+        return None
+    queued, backlog = struct.unpack_from("II", raw, 24)
+    return int(queued), int(backlog)
+
+
+class _Cut:
+    """A listening socket nobody accepts on, its accept queue filled by our own connections:
+    the kernel drops every further SYN (no SYN-ACK, no RST), so a client's connect times out
+    as it does towards a dead node.  ``sock`` is the engine's own listener (``owned`` False)
+    or one bound for the purpose (the engine was not listening when its node died)."""
+
+    def __init__(self, sock: socket.socket, address: tuple[str, int], owned: bool) -> None:
+        self.sock = sock
+        self.owned = owned
+        self.fillers: list[socket.socket] = []
+        sock.listen(_CUT_BACKLOG)
+        for _ in range(_FILLERS_MAX):
+            queue = accept_queue(sock)
+            if queue is not None and queue[0] > queue[1]:
+                break  # full: SYNs are dropped from now on
+            if queue is None and len(self.fillers) > _CUT_BACKLOG:
+                break  # not Linux: backlog + 1 queued connections is the usual limit
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.settimeout(_FILL_WAIT)
+            try:
+                filler.connect(address)
+            except OSError:
+                filler.close()  # not let in: the queue is full already
+                break
+            self.fillers.append(filler)
+            if queue is not None:  # the handshake's last ACK may still be on its way
+                before = queue[0]
+
+                def queued(before: int = before) -> bool:
+                    now = accept_queue(sock)
+                    return now is None or now[0] > before
+
+                wait_until(queued, timeout=_FILL_WAIT, interval=0.001)
+
+    @classmethod
+    def bind(cls, address: tuple[str, int]) -> _Cut:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            return cls(sock, address, owned=True)
+        except BaseException:
+            sock.close()
+            raise
+
+    def release_fillers(self) -> None:
+        """Close our queued connections (accepted later, they read EOF and close)."""
+        fillers, self.fillers = self.fillers, []
+        for filler in fillers:
+            with contextlib.suppress(OSError):
+                filler.close()
+
+    def close(self) -> None:
+        self.release_fillers()
+        if self.owned:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeVLLM/0.33"
@@ -154,8 +243,13 @@ class _Handler(BaseHTTPRequestHandler):
         return super().parse_request()
 
     def handle_one_request(self) -> None:
+        if not self._await_network():  # cut off: read nothing until the node is back
+            self.close_connection = True
+            return
         super().handle_one_request()
         self.server.set_busy(self.connection, False)
+        if self.close_connection:
+            self._await_network()  # a dead node closes nothing either (no FIN)
 
     def log_message(self, format: str, *args: Any) -> None:
         return
@@ -194,18 +288,31 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             length -= len(chunk)
 
-    def _hold(self, seconds: float | None) -> bool:
-        """Wait ``seconds`` (None: until released). Return False if the server is torn down."""
+    def _hold(self, seconds: float | None, spell: EngineMode | None = None) -> bool:
+        """Wait ``seconds`` (None: up to ``_HOLD_LIMIT``), ending early once the engine's mode is
+        no longer ``spell``.  True when the wait is over (the time is up or the spell ended);
+        False when the server is torn down or an unbounded hold reached its limit."""
         engine = self.server.engine
-        deadline = None if seconds is None else time.monotonic() + seconds
+        deadline = time.monotonic() + (_HOLD_LIMIT if seconds is None else seconds)
         while not self.server.release.is_set():
-            if seconds is None and engine.mode is not EngineMode.BLACKHOLE:
-                return False  # black hole lifted: drop the held connection unanswered
-            left = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
-            if left <= 0:
+            if spell is not None and engine.mode is not spell:
                 return True
+            left = min(_POLL, deadline - time.monotonic())
+            if left <= 0:
+                return seconds is not None
             self.server.release.wait(left)
         return False
+
+    def _await_network(self) -> bool:
+        """While the engine's node is cut off, hold the connection as it is: read nothing,
+        write nothing, close nothing.  False if the server is torn down meanwhile (or after
+        ``_HOLD_LIMIT``)."""
+        engine = self.server.engine
+        deadline = time.monotonic() + _HOLD_LIMIT
+        while engine.partitioned:
+            if self.server.release.wait(_POLL) or time.monotonic() > deadline:
+                return False
+        return not self.server.release.is_set()
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -222,16 +329,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         engine = self.server.engine
         path = self.path.split("?", 1)[0]
+        if not self._await_network():
+            self.close_connection = True
+            return
         engine._count(path)
         mode = engine.mode
         if mode is EngineMode.BLACKHOLE:
-            self._hold(None)
+            self._hold(None, EngineMode.BLACKHOLE)  # lifted: dropped unanswered all the same
             self.close_connection = True
             return
         if mode is EngineMode.SLOW and not self._hold(engine.slow_delay):
             self.close_connection = True
             return
-        if self.server.release.is_set():
+        if (mode is EngineMode.SLOW_METRICS and self.command in ("GET", "HEAD")
+                and path in engine.slow_paths
+                and not self._hold(engine.slow_delay, EngineMode.SLOW_METRICS)):
+            self.close_connection = True
+            return
+        if self.server.release.is_set() or not self._await_network():
             self.close_connection = True
             return
         try:
@@ -278,11 +393,26 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if path in ("/v1/completions", "/v1/chat/completions") and self.command == "POST":
                 started = time.monotonic()
+                if mode is EngineMode.WEDGED and not self._wedged(engine):
+                    self.close_connection = True
+                    return
                 body = engine.completion_payload(chat=path.endswith("chat/completions"))
+                engine._served(body["usage"])
                 self._send_json(200, body)
                 engine._observe_latency(time.monotonic() - started)
                 return
         self._send_json(404, {"detail": "Not Found"})
+
+    def _wedged(self, engine: FakeEngine) -> bool:
+        """Hold an accepted completion while the engine is wedged (it counts as running).
+        True once the engine recovers (then it is answered); False on teardown or after
+        ``_HOLD_LIMIT`` (dropped unanswered)."""
+        engine._hold_request(+1)
+        try:
+            recovered = self._hold(None, EngineMode.WEDGED)
+        finally:
+            engine._hold_request(-1)
+        return recovered and self._await_network()
 
     def _authorized(self, engine: FakeEngine) -> bool:
         key = engine.api_key
@@ -302,7 +432,7 @@ class _Handler(BaseHTTPRequestHandler):
         limit = time.monotonic() + _TRICKLE_LIMIT
         for index in range(len(body)):
             if (self.server.release.is_set() or engine.mode is not EngineMode.TRICKLE
-                    or time.monotonic() > limit):
+                    or time.monotonic() > limit or not self._await_network()):
                 self.close_connection = True
                 return
             self.wfile.write(body[index:index + 1])  # OSError once the client has gone
@@ -320,7 +450,7 @@ class _Handler(BaseHTTPRequestHandler):
         block = line.encode() * max(1, 65536 // len(line))
         sent = 0
         while sent < total:
-            if self.server.release.is_set():
+            if self.server.release.is_set() or not self._await_network():
                 self.close_connection = True
                 return
             chunk = block[: total - sent]
@@ -335,6 +465,11 @@ class FakeEngine:
     ``prefix_hits``, ``sleep_state``, ``running_lora_adapters``, ``waiting_lora_adapters``,
     ``lora_adapters``) may be assigned at any time from any thread; counts are per-engine totals,
     split over the data-parallel ranks on the metrics page. ``mode`` may also be set at any time.
+
+    Progress: ``vllm:prompt_tokens_total`` and ``vllm:generation_tokens_total`` grow by each
+    served completion's usage, and ``vllm:generation_tokens_total`` also by ``decode_rate``
+    tokens per second per running request (``running`` plus the completions held by a wedged
+    engine), read on ``clock``; a wedged engine's counters stop.
     """
 
     def __init__(
@@ -349,6 +484,7 @@ class FakeEngine:
         legacy_names: bool = False,
         max_lora: int = 4,
         max_model_len: int = 8192,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if dp_ranks < 1:
             raise ValueError("dp_ranks must be >= 1")
@@ -371,6 +507,8 @@ class FakeEngine:
         self.running_lora_adapters: list[str] = []
         self.waiting_lora_adapters: list[str] = []
         self.slow_delay = 2.0
+        self.slow_paths: frozenset[str] = frozenset({"/metrics"})  # delayed in SLOW_METRICS
+        self.decode_rate = 20.0  # generated tokens per second per running request
         self.oversize_bytes = 50 * 1024 * 1024
         self.trickle_interval = 0.2
         self.keepalive_timeout = KEEPALIVE_TIMEOUT
@@ -389,6 +527,13 @@ class FakeEngine:
         self._latency_sum = [0.0] * dp_ranks
         self._latency_count = [0] * dp_ranks
         self._completions = 0
+        self._clock = clock
+        self._progress_at = clock()
+        self._prompt_tokens = 0.0
+        self._generation_tokens = 0.0
+        self._held = 0  # completions held by a wedged engine
+        self._partitioned = False
+        self._cut: _Cut | None = None
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_EngineCollector(self))
 
@@ -408,12 +553,14 @@ class FakeEngine:
                 return self
             self._started = True
             self.draining = False
-            if self._mode is not EngineMode.DOWN:
-                try:
+            try:
+                if self._partitioned:
+                    self._cut = _Cut.bind(self.address)
+                elif self._mode is not EngineMode.DOWN:
                     self._bind()
-                except BaseException:
-                    self._started = False
-                    raise
+            except BaseException:
+                self._started = False
+                raise
         return self
 
     def drain(self) -> None:
@@ -422,6 +569,8 @@ class FakeEngine:
         their connections close after the response.  ``stop()`` is the process exiting."""
         with self._lock:
             self.draining = True
+            if self._partitioned:
+                return  # on a dead node the kubelet sends no SIGTERM: it comes with the node
             server = self._server
         if server is not None:
             server.stop_listening()
@@ -430,7 +579,69 @@ class FakeEngine:
     def stop(self) -> None:
         with self._lock:
             self._started = False
+            cut, self._cut = self._cut, None
+            if cut is not None:
+                cut.close()
             self._unbind()
+
+    # -- the node's network ----------------------------------------------------------------------
+
+    @property
+    def partitioned(self) -> bool:
+        """True while the engine is cut off the network (:meth:`cut_network`)."""
+        return self._partitioned
+
+    def cut_network(self) -> None:
+        """The engine's node is gone (power, kernel, partition), the process untouched.
+
+        New connections time out: the listener stops accepting and its accept queue is filled,
+        so the kernel drops SYNs (no SYN-ACK, no RST).  Open connections get nothing back: their
+        handlers stop reading, writing and closing (requests in flight and later ones hang, no
+        FIN).  Mode changes and SIGTERM (:meth:`drain`) meanwhile take effect at
+        :meth:`restore_network`.  :meth:`stop` still tears everything down.
+        """
+        with self._lock:
+            if self._partitioned:
+                return
+            self._partitioned = True
+            if not self._started:
+                return
+            server, thread = self._server, self._thread
+            if server is not None and server.listening:
+                server.shutdown()  # the accept loop ends; the listening socket stays open
+                if thread is not None:
+                    thread.join(timeout=2.0)
+                self._thread = None
+                self._cut = _Cut(server.socket, self.address, owned=False)
+            else:
+                self._cut = _Cut.bind(self.address)
+
+    def restore_network(self) -> None:
+        """The node is back: held connections carry on (late answers, or their deferred close),
+        connections queued meanwhile are accepted, and what happened to the process meanwhile
+        (mode, SIGTERM) shows now."""
+        with self._lock:
+            if not self._partitioned:
+                return
+            self._partitioned = False
+            cut, self._cut = self._cut, None
+            if cut is None:
+                return
+            cut.release_fillers()
+            server = self._server
+            if cut.owned or server is None:
+                cut.close()
+                if self._mode is not EngineMode.DOWN and server is None and not self.draining:
+                    self._bind()
+            elif self._mode is EngineMode.DOWN:
+                self._unbind()  # the process died meanwhile
+            elif not self.draining:
+                server.socket.listen(server.request_queue_size)
+                self._serve(server)
+            server = self._server
+        if server is not None and self.draining and server.listening:
+            server.stop_listening()
+            server.close_idle_connections()
 
     def __enter__(self) -> FakeEngine:
         return self.start()
@@ -451,13 +662,17 @@ class FakeEngine:
     def _bind(self) -> None:
         server = _Server(self, (self.ip, self.port))
         self.port = server.server_port  # resolves port 0 once; rebinding reuses it
+        self._server = server
+        self._serve(server)
+
+    def _serve(self, server: _Server) -> None:
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": _POLL},
             name=f"fake-vllm-{self.ip}:{self.port}",
             daemon=True,
         )
-        self._server, self._thread = server, thread
+        self._thread = thread
         thread.start()
 
     def _unbind(self) -> None:
@@ -482,10 +697,11 @@ class FakeEngine:
     def mode(self, value: EngineMode | str) -> None:
         new = EngineMode(value)
         with self._lock:
+            self._advance()  # progress up to now counts under the old mode
             old = self._mode
             self._mode = new
-            if not self._started or old is new:
-                return
+            if not self._started or old is new or self._partitioned:
+                return  # cut off: the listener follows the mode at restore_network()
             if new is EngineMode.DOWN:
                 self._unbind()
             elif self._server is None:
@@ -500,6 +716,25 @@ class FakeEngine:
     def _count(self, path: str) -> None:
         with self._lock:
             self._counts[path] = self._counts.get(path, 0) + 1
+
+    def _advance(self) -> None:
+        """Move the generation counter by the decoding done since the last call (lock held)."""
+        now = self._clock()
+        elapsed, self._progress_at = max(0.0, now - self._progress_at), now
+        if self._mode is not EngineMode.WEDGED:
+            busy = max(0, int(self.running)) + self._held
+            self._generation_tokens += busy * max(0.0, float(self.decode_rate)) * elapsed
+
+    def _hold_request(self, delta: int) -> None:
+        with self._lock:
+            self._advance()
+            self._held += delta
+
+    def _served(self, usage: dict[str, int]) -> None:
+        with self._lock:
+            self._advance()
+            self._prompt_tokens += usage.get("prompt_tokens", 0)
+            self._generation_tokens += usage.get("completion_tokens", 0)
 
     def _observe_latency(self, seconds: float) -> None:
         with self._lock:
@@ -595,8 +830,11 @@ class FakeEngine:
             self._lora_history[key] = max(now, newest + 1e-3)
             while len(self._lora_history) > _MAX_LORA_HISTORY:
                 self._lora_history.pop(next(iter(self._lora_history)))
+            self._advance()
             return {
-                "running": int(self.running),
+                "running": int(self.running) + self._held,
+                "prompt_tokens": int(self._prompt_tokens),
+                "generation_tokens": int(self._generation_tokens),
                 "waiting": int(self.waiting),
                 "kv": float(self.kv_cache_usage),
                 "queries": int(self.prefix_queries),
@@ -655,16 +893,16 @@ class _EngineCollector:
             else "KV-cache usage. 1 means 100 percent usage.",
             [s["kv"]] * n,
         )
-        yield counter(
-            f"vllm:{prefix}prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            split_evenly(s["queries"], n),
-        )
-        yield counter(
-            f"vllm:{prefix}prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-            split_evenly(s["hits"], n),
-        )
+        for name, doc, key in (
+            (f"vllm:{prefix}prefix_cache_queries",
+             "Prefix cache queries, in terms of number of queried tokens.", "queries"),
+            (f"vllm:{prefix}prefix_cache_hits",
+             "Prefix cache hits, in terms of number of cached tokens.", "hits"),
+            ("vllm:prompt_tokens", "Number of prefill tokens processed.", "prompt_tokens"),
+            ("vllm:generation_tokens", "Number of generation tokens processed.",
+             "generation_tokens"),
+        ):
+            yield counter(name, doc, split_evenly(s[key], n))
         yield counter(
             "vllm:num_preemptions",
             "Cumulative number of preemption from the engine.",

@@ -10,6 +10,7 @@ import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from vllm_router.aiohttp_client import AiohttpClientWrapper
 from vllm_router.log import init_logger, set_log_format, set_log_level
 from vllm_router.parsers.parser import parse_args
 from vllm_router.routers.main_router import engines, health
@@ -39,6 +40,7 @@ class App:
 
 
 app = App()
+app.state.aiohttp_client_wrapper = AiohttpClientWrapper()
 
 
 def initialize_all(app: App, args: Any) -> None:

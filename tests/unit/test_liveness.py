@@ -1,0 +1,187 @@
+"""Discovery's liveness loop on a fake clock with scripted exchanges: how soon a dead pod is
+out, free signals that skip checks, re-checks of ejected pods, wedged engines."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from tests.unit.driving import drive
+from vllm_router_svcdisc.clock import FakeClock
+from vllm_router_svcdisc.liveness import Liveness
+from vllm_router_svcdisc.outliers import OutlierConfig, Reason, Verdict
+from vllm_router_svcdisc.poller import Failure, HealthBook
+
+URL = "http://127.0.0.1:8000"
+CONFIG = OutlierConfig()
+
+
+class Pod:
+    """A scripted engine: ``state`` is "ok", "dead" (a node gone: the check's keep-alive read
+    times out, then the bare connect times out) or "wedged" (answers, counters frozen)."""
+
+    def __init__(self, book: HealthBook, clock: FakeClock) -> None:
+        self.book = book
+        self.clock = clock
+        self.state = "ok"
+        self.tokens = 0.0
+        self.calls: list[tuple[float, bool]] = []
+
+    def exchange(self, url: str, progress: bool) -> bool:
+        self.calls.append((self.clock.now, progress))
+        if self.state == "dead":
+            self.clock.advance(CONFIG.read_timeout + CONFIG.connect_timeout)
+            self.book.failure(url, Failure.CONNECT_TIMEOUT, "timed out, then connect timed out")
+            return False
+        if self.state == "ok":
+            self.tokens += 10
+        running = 2.0
+        self.book.success(url, tokens=self.tokens if progress else None,
+                          running=running if progress else None)
+        return True
+
+
+def setup() -> tuple[Liveness, Pod, FakeClock, list[tuple[float, Verdict | None]]]:
+    clock = FakeClock()
+    verdicts: list[tuple[float, Verdict | None]] = []
+    book = HealthBook(clock)
+    pod = Pod(book, clock)
+    liveness = Liveness(book, CONFIG, lambda changes: verdicts.extend(
+        (clock.now, v) for v in changes.values()), clock=clock, exchange=pod.exchange)
+    book.on_change = liveness.evaluate
+    liveness.track([URL], [])
+    return liveness, pod, clock, verdicts
+
+
+def run(liveness: Liveness, clock: FakeClock, seconds: float,
+        until: Callable[[], bool] = lambda: False) -> None:
+    drive(clock, seconds, liveness.poller.run_ready, until=until)
+
+
+def test_a_dead_node_is_out_within_three_seconds_of_its_death() -> None:
+    liveness, pod, clock, verdicts = setup()
+    run(liveness, clock, 5.3)  # healthy for a while, checks every interval
+    assert not verdicts
+    died = clock.now
+    pod.state = "dead"
+    run(liveness, clock, 10.0, until=lambda: bool(verdicts))
+    at, found = verdicts[0]
+    assert found is not None and found.reason is Reason.CONNECT_TIMEOUT
+    assert at - died <= 3.0
+
+
+def test_checks_run_at_the_interval_and_read_metrics_every_progress_interval() -> None:
+    liveness, pod, clock, _verdicts = setup()
+    start = clock.now
+    run(liveness, clock, 30.0)
+    times = [t - start for t, _ in pod.calls]
+    assert len(times) == 30 and all(
+        abs(b - a - 1.0) < 0.13 for a, b in itertools.pairwise(times))
+    progress = [t - start for t, p in pod.calls if p]
+    assert len(progress) == 3  # at 0, ~10 and ~20 s
+
+
+def test_a_fresher_result_from_elsewhere_skips_the_check() -> None:
+    liveness, pod, clock, _verdicts = setup()
+    run(liveness, clock, 2.0)
+    checks = len(pod.calls)
+    for _ in range(40):  # a scraper at 4 Hz: always fresher than the interval
+        liveness.book.success(URL, tokens=float(len(pod.calls)), running=0.0)
+        run(liveness, clock, 0.25)
+    assert len(pod.calls) == checks
+    assert liveness.skipped_total >= 9
+
+
+def test_an_ejected_pod_is_rechecked_and_returns_once_it_answers() -> None:
+    liveness, pod, clock, verdicts = setup()
+    run(liveness, clock, 1.5)
+    pod.state = "dead"
+    run(liveness, clock, 5.0, until=lambda: bool(verdicts))
+    ejected_at = clock.now
+    calls = len(pod.calls)
+    run(liveness, clock, 3.2)
+    # re-checked every base_ejection_time x times ejected (1 s) plus the check's own 1.5 s
+    assert 1 <= len(pod.calls) - calls <= 2
+    pod.state = "ok"
+    run(liveness, clock, 5.0, until=lambda: verdicts[-1][1] is None)
+    assert verdicts[-1][1] is None and clock.now - ejected_at < 6.0
+    record = liveness.book.get(URL)
+    assert record is not None and record.times_ejected == 1
+
+
+def test_a_second_ejection_waits_longer_before_its_recheck() -> None:
+    liveness, pod, clock, verdicts = setup()
+    for _round in range(2):
+        pod.state = "dead"
+        run(liveness, clock, 5.0, until=lambda: bool(verdicts) and verdicts[-1][1] is not None)
+        out = verdicts[-1][0]
+        calls = len(pod.calls)
+        pod.state = "ok"
+        run(liveness, clock, 5.0, until=lambda n=calls: len(pod.calls) > n)
+        gap = pod.calls[calls][0] - out
+    assert 2.0 <= gap <= 2.125  # base x 2 (and the drive's step)
+
+
+def test_a_wedged_engine_is_ejected_after_the_window_and_returns_when_it_moves() -> None:
+    liveness, pod, clock, verdicts = setup()
+    run(liveness, clock, 12.0)
+    pod.state = "wedged"  # running 2, counters frozen
+    wedged = clock.now
+    run(liveness, clock, 120.0, until=lambda: bool(verdicts))
+    at, found = verdicts[0]
+    assert found is not None and found.reason is Reason.WEDGED
+    # noticed at the next /metrics reading after the window (readings every progress_interval)
+    assert CONFIG.wedged_after <= at - wedged <= CONFIG.wedged_after + CONFIG.progress_interval
+    pod.state = "ok"
+    run(liveness, clock, 10.0, until=lambda: verdicts[-1][1] is None)
+    assert verdicts[-1][1] is None
+
+
+def test_nothing_is_checked_when_disabled() -> None:
+    clock = FakeClock()
+    book = HealthBook(clock)
+    pod = Pod(book, clock)
+    liveness = Liveness(book, OutlierConfig(enabled=False), lambda _changes: None, clock=clock,
+                        exchange=pod.exchange)
+    liveness.track([URL], [])
+    run(liveness, clock, 5.0)
+    assert pod.calls == []
+
+
+def test_timeouts_on_old_connections_do_not_bring_a_dead_pod_back() -> None:
+    liveness, pod, clock, verdicts = setup()
+    run(liveness, clock, 1.5)
+    pod.state = "dead"
+    run(liveness, clock, 5.0, until=lambda: bool(verdicts))
+    # requests a router sent before the ejection time out on their old connections
+    for _ in range(3):
+        liveness.book.failure(URL, Failure.READ_TIMEOUT, "router: timeout")
+        clock.advance(0.1)
+    assert len(verdicts) == 1 and verdicts[-1][1] is not None
+
+
+def test_the_interval_stretches_so_checks_stay_within_the_cpu_budget() -> None:
+    clock = FakeClock()
+    book = HealthBook(clock)
+    pods = [f"http://127.0.0.{i}:8000" for i in range(1, 11)]
+    calls: list[tuple[float, str]] = []
+    spent = [0.0]
+
+    def exchange(url: str, progress: bool) -> bool:
+        calls.append((clock.now, url))
+        spent[0] += 0.01  # every check costs 10 ms of CPU
+        book.success(url, tokens=1.0 if progress else None, running=0.0 if progress else None)
+        return True
+
+    config = OutlierConfig(cpu_budget=0.05)  # 10 pods x 10 ms / 0.05 = 2 s
+    liveness = Liveness(book, config, lambda _changes: None, clock=clock, exchange=exchange,
+                        cpu_time=lambda: spent[0])
+    liveness.cost_per_check = 0.01
+    liveness.track(pods, [])
+    run(liveness, clock, 20.0)
+    assert liveness.interval == pytest.approx(2.0)
+    gaps = [b - a for a, b in itertools.pairwise(t for t, url in calls if url == pods[0])]
+    assert gaps and all(1.99 <= gap <= 2.13 for gap in gaps), gaps
+    assert len(calls) / 20.0 * 0.01 <= config.cpu_budget * 1.05  # within the budget
