@@ -1,0 +1,111 @@
+"""Fixtures of the real-cluster tier: the control plane (once per session) and the backends.
+
+The tier runs inside a private network namespace (``tox -e real`` starts pytest under
+``unshare -n`` with ``lo`` up and ``10.244.0.0/16`` local on it), so the control plane's
+fixed loopback ports and the pod addresses exist only there. Outside such a namespace the
+session fails at once with the reason: it never skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import FAST_INFORMER, FAST_PROBE
+from tests.realcluster.backends import Backend, RealBackend, SimBackend
+from tests.realcluster.controlplane import (
+    ControlPlane,
+    in_private_network_namespace,
+    locate_binaries,
+)
+from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.sim.cluster import SimCluster
+from vllm_router_svcdisc.sim.dns import ServiceDNS
+
+BACKENDS = ("sim", "real")
+_namespaces = itertools.count(1)
+
+
+def _check_namespace() -> None:
+    if not in_private_network_namespace():
+        pytest.fail("the real-cluster tier must run in a private network namespace: "
+                    "run it as `tox -e real` (see docs/testing.md)", pytrace=False)
+    probe = socket.socket()
+    try:
+        probe.bind(("10.244.255.254", 0))
+    except OSError as exc:
+        pytest.fail(f"10.244.0.0/16 is not local on lo in this namespace ({exc}): run the tier "
+                    "as `tox -e real` (see docs/testing.md)", pytrace=False)
+    finally:
+        probe.close()
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """etcd + kube-apiserver + kube-controller-manager, started once for the session."""
+    _check_namespace()
+    kube_bin, etcd_bin = locate_binaries()
+    keep = os.environ.get("REALCLUSTER_KEEP_LOGS")
+    workdir = Path(tempfile.mkdtemp(prefix="realcluster-", dir=keep or None))
+    plane = ControlPlane(workdir, kube_bin, etcd_bin)
+    try:
+        plane.start()
+        yield plane
+    finally:
+        plane.stop()
+
+
+def new_namespace() -> str:
+    return f"t{next(_namespaces)}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The same scenario on the simulator and on the real control plane."""
+    namespace = new_namespace()
+    if request.param == "sim":
+        with SimCluster(bookmark_interval=0.25) as sim:
+            yield SimBackend(sim, namespace)
+        return
+    with real_backend_in(request.getfixturevalue("control_plane"), namespace) as real:
+        yield real
+
+
+@contextlib.contextmanager
+def real_backend_in(plane: ControlPlane, namespace: str) -> Iterator[RealBackend]:
+    """A RealBackend on a fresh namespace, with Service DNS installed in-process."""
+    dns = ServiceDNS().install()
+    real = RealBackend(plane, namespace, dns)
+    try:
+        yield real
+    finally:
+        real.close()
+        dns.uninstall()
+
+
+@pytest.fixture
+def discover() -> Iterator[Callable[..., K8sServiceDiscovery]]:
+    """``discover(backend, **kw)``: discovery as a router runs it, closed at teardown."""
+    made: list[K8sServiceDiscovery] = []
+
+    def factory(b: Backend, **kwargs: Any) -> K8sServiceDiscovery:
+        kwargs.setdefault("namespace", b.namespace)
+        kwargs.setdefault("label_selector", "app=vllm")
+        kwargs.setdefault("api_client", b.router_client())
+        kwargs.setdefault("informer_config", FAST_INFORMER)
+        kwargs.setdefault("probe_config", FAST_PROBE)
+        d = K8sServiceDiscovery(**kwargs)
+        made.append(d)
+        return d
+
+    yield factory
+    for d in made:
+        d.close()
