@@ -312,9 +312,11 @@ class RealBackend:
         self.dns.unregister(self.namespace, name)
 
     def set_service_ports(self, name: str, ports: Sequence[tuple[str, int]]) -> None:
-        self.core.patch_namespaced_service(name, self.namespace, {"spec": {"ports": [
-            {"name": n, "port": p, "targetPort": ENGINE_PORT, "protocol": "TCP"}
-            for n, p in ports]}})
+        # a JSON patch replaces the list (a strategic merge would merge ports by number)
+        self.core.patch_namespaced_service(name, self.namespace, [{
+            "op": "replace", "path": "/spec/ports", "value": [
+                {"name": n, "port": p, "targetPort": ENGINE_PORT, "protocol": "TCP"}
+                for n, p in ports]}])
         with self._lock:
             self._services[name].port = ports[0][1]
 

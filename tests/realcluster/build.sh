@@ -35,9 +35,28 @@ done
 say() { echo "realcluster build: $*" >&2; }
 fail() { say "FAILED: $*"; exit 1; }
 
-have() { [ -x "$1/kube-apiserver" ] && [ -x "$1/kube-controller-manager" ]; }
+# stamped like a release build, so /version reports the real version
+kube_minor="${KUBE_VERSION#v1.}"
+kube_minor="${kube_minor%%.*}"
+kube_ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION"
+kube_ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
+kube_ldflags+=" -X k8s.io/component-base/version.gitMinor=$kube_minor"
+kube_ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+etcd_ldflags="-s -w"
 
-if [ "$force" = 0 ] && [ "$regen" = 0 ] && have "$kube_dir" && [ -x "$etcd_dir/etcd" ]; then
+# A cached build is reused only when built from the same module files with the same flags.
+key_of() {
+    { cat "$here/go/$1/go.mod" "$here/go/$1/go.sum"; cat "$here/go/$1"/*.go 2>/dev/null || true
+      echo "$2"; } | sha256sum | cut -c1-16
+}
+kube_key="$(key_of kube "$kube_ldflags")"
+etcd_key="$(key_of etcd "$etcd_ldflags")"
+fresh() { [ "$(cat "$1/.build-key" 2>/dev/null)" = "$2" ]; }
+have_kube() { [ -x "$kube_dir/kube-apiserver" ] && [ -x "$kube_dir/kube-controller-manager" ] \
+    && fresh "$kube_dir" "$kube_key"; }
+have_etcd() { [ -x "$etcd_dir/etcd" ] && fresh "$etcd_dir" "$etcd_key"; }
+
+if [ "$force" = 0 ] && [ "$regen" = 0 ] && have_kube && have_etcd; then
     say "reusing $kube_dir and $etcd_dir"
     echo "KUBE_BIN_DIR=$kube_dir"
     echo "ETCD_BIN_DIR=$etcd_dir"
@@ -92,25 +111,26 @@ grep -q "go.etcd.io/etcd/server/v3 $ETCD_VERSION\$" "$here/go/etcd/go.mod" \
 
 # niced: the machine is shared, and a fresh build keeps both cores busy for a long while
 build() {
-    local dir="$1" dest="$2"; shift 2
+    local dir="$1" dest="$2" ldflags="$3" key="$4"; shift 4
     local tmp="$dest.tmp.$$"
     rm -rf "$tmp"
     mkdir -p "$tmp"
     download "$dir"
     say "building $* in $dir -> $dest"
-    (cd "$dir" && nice -n 10 go build -buildvcs=false -trimpath -ldflags='-s -w' -o "$tmp/" "$@") >&2 \
+    (cd "$dir" && nice -n 10 go build -buildvcs=false -trimpath -ldflags="$ldflags" -o "$tmp/" "$@") >&2 \
         || { rm -rf "$tmp"; fail "go build of $* failed (output above)"; }
+    echo "$key" > "$tmp/.build-key"
     rm -rf "$dest"
     mv "$tmp" "$dest"
 }
 
 start=$(date +%s)
-if [ "$force" = 1 ] || ! [ -x "$etcd_dir/etcd" ]; then
-    build "$here/go/etcd" "$etcd_dir" .
+if [ "$force" = 1 ] || ! have_etcd; then
+    build "$here/go/etcd" "$etcd_dir" "$etcd_ldflags" "$etcd_key" .
 fi
-if [ "$force" = 1 ] || ! have "$kube_dir"; then
-    build "$here/go/kube" "$kube_dir" k8s.io/kubernetes/cmd/kube-apiserver \
-        k8s.io/kubernetes/cmd/kube-controller-manager
+if [ "$force" = 1 ] || ! have_kube; then
+    build "$here/go/kube" "$kube_dir" "$kube_ldflags" "$kube_key" \
+        k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
 fi
 say "done in $(( $(date +%s) - start )) s"
 echo "KUBE_BIN_DIR=$kube_dir"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -64,7 +65,9 @@ def control_plane() -> Iterator[ControlPlane]:
 
 
 def new_namespace() -> str:
-    return f"t{next(_namespaces)}"
+    """A namespace name not used before on this control plane (namespaces are never deleted:
+    no namespace controller runs)."""
+    return f"t{next(_namespaces)}-{secrets.token_hex(2)}"
 
 
 @pytest.fixture(params=BACKENDS)

@@ -17,9 +17,9 @@ import base64
 import datetime
 import ipaddress
 import json
-import os
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -63,11 +63,8 @@ def locate_binaries() -> tuple[Path, Path]:
 
 
 def in_private_network_namespace() -> bool:
-    """True when this process's network namespace is not PID 1's (the host's)."""
-    try:
-        return os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino
-    except OSError:
-        return False
+    """True when this network namespace has no interface but ``lo``: nothing can leave it."""
+    return [name for _index, name in socket.if_nameindex()] == ["lo"]
 
 
 # --- certificates and keys ----------------------------------------------------------------------
@@ -273,8 +270,10 @@ class ControlPlane:
         configuration = kubernetes.client.Configuration()
         configuration.host = self.url
         configuration.ssl_ca_cert = str(self.pki["ca.crt"])
-        configuration.api_key = {"authorization": token or self.admin_token}
-        configuration.api_key_prefix = {"authorization": "Bearer"}
+        # the generated client reads "BearerToken" (older releases "authorization")
+        key = token or self.admin_token
+        configuration.api_key = {"BearerToken": key, "authorization": key}
+        configuration.api_key_prefix = {"BearerToken": "Bearer", "authorization": "Bearer"}
         return kubernetes.client.ApiClient(configuration)
 
     # -- etcd ------------------------------------------------------------------------------------

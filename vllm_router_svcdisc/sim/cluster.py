@@ -649,7 +649,8 @@ class SimCluster:
 
     def _endpoints_object(self, service: SimService, pods: Sequence[SimPod]) -> dict[str, Any]:
         """The endpoints controller: one subset per distinct port; with
-        ``publishNotReadyAddresses`` every pod is in ``addresses``."""
+        ``publishNotReadyAddresses`` every pod is in ``addresses``, without it terminating
+        pods are left out."""
 
         def address(p: SimPod) -> dict[str, Any]:
             return {"ip": p.ip, "nodeName": p.node_name,
@@ -657,6 +658,8 @@ class SimCluster:
 
         by_port: dict[int, list[SimPod]] = {}
         for pod in pods:
+            if pod.terminating and not service.publish_not_ready:
+                continue  # the endpoints controller drops terminating pods (not its slices)
             by_port.setdefault(service.pod_port(pod), []).append(pod)
         subsets = []
         for port, members in sorted(by_port.items()):
