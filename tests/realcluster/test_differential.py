@@ -7,10 +7,12 @@ showing both."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import urllib3
 from kubernetes.client import ApiException, CoreV1Api, DiscoveryV1Api
 
 from tests.conftest import wait_for
@@ -211,3 +213,52 @@ def test_watch_event_types_match_for_a_readiness_flip(
         seen[b.name] = _watch_types(b, "flip", lambda b=b, pod=pod: b.set_ready(pod, False),
                                     lambda types: bool(types))
     assert seen["sim"] == seen["real"] == ["MODIFIED"], seen
+
+
+def _watch_from(b: Backend, resource_version: str) -> tuple[str, Any, Any] | None:
+    """The first thing a watch from ``resource_version`` gets: an HTTP error or an event
+    (numbers in messages replaced by N); None while the server is still coming up."""
+    api = DiscoveryV1Api(b.router_client())
+    try:
+        stream = api.list_namespaced_endpoint_slice(
+            b.namespace, watch=True, resource_version=resource_version, timeout_seconds=5,
+            _preload_content=False)
+    except ApiException as exc:
+        if exc.status in (0, 429, 503):
+            return None
+        body = json.loads(exc.body)
+        body["message"] = re.sub(r"\d+", "N", body.get("message", ""))
+        return ("http", exc.status, body)
+    except urllib3.exceptions.HTTPError:
+        return None
+    try:
+        for chunk in stream.stream(amt=None):
+            for text in chunk.splitlines():
+                if text.strip():
+                    event = json.loads(text)
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        obj["message"] = re.sub(r"\d+", "N", obj.get("message", ""))
+                    return ("event", event["type"], obj)
+    finally:
+        stream.release_conn()
+    return ("end", None, None)
+
+
+def test_watch_from_an_expired_resource_version_gets_the_same_410(
+        both: tuple[SimBackend, RealBackend]) -> None:
+    """History compacted and the server restarted: a watch from an old resourceVersion gets
+    410 Expired in-stream, the same Status body on both."""
+    sim, real = both
+    seen = {}
+    for b in (sim, real):
+        b.add_service("old", replicas=1)
+        rv = _raw(DiscoveryV1Api(b.router_client()).list_namespaced_endpoint_slice,
+                  b.namespace)["metadata"]["resourceVersion"]
+        b.expire_history()
+        seen[b.name] = wait_for(lambda b=b, rv=rv: _watch_from(b, rv), DEADLINE,
+                                f"[{b.name}] no answer to the watch")
+    assert seen["sim"] == seen["real"], seen
+    kind, event_type, status = seen["real"]
+    assert (kind, event_type, status["code"], status["reason"]) == ("event", "ERROR", 410,
+                                                                    "Expired"), seen
