@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.realcluster.backends import Backend, RealBackend
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
+from vllm_router_svcdisc.scraper import EngineStatsScraper
 from vllm_router_svcdisc.sim.cluster import ENGINE_PORT
 
 #: Deadline for discovery to reflect a change (the real controller and probes need more than
@@ -191,3 +192,26 @@ def test_real_backend_is_the_real_control_plane(backend: Backend) -> None:
     assert isinstance(backend, RealBackend)
     version = kubernetes.client.VersionApi(backend.admin).get_code()
     assert version.git_version == "v1.37.2", version
+
+
+def test_scraper_follows_the_ready_pods(backend: Backend, discover: Discover) -> None:
+    backend.add_service("vllm-a", replicas=3)
+    d = discover(backend)
+    wait_converged(d, backend, ["vllm-a"])
+    scraper = EngineStatsScraper(d, scrape_interval=0.25, timeout=2.0)
+    try:
+        def pods_scraped() -> list[str]:
+            return sorted(scraper.get_pod_engine_stats())
+
+        def ready_pod_urls() -> list[str]:
+            return sorted(f"http://{ip}:{ENGINE_PORT}" for ip in backend.ready_ips("vllm-a"))
+
+        wait_for(lambda: pods_scraped() == ready_pod_urls(), CONVERGE,
+                 lambda: f"[{backend.name}] scraped {pods_scraped()} != {ready_pod_urls()}")
+        assert backend.url_of("vllm-a") in scraper.get_engine_stats()
+        backend.set_ready(backend.pods("vllm-a")[0], False)
+        wait_for(lambda: pods_scraped() == ready_pod_urls(), CONVERGE,
+                 lambda: f"[{backend.name}] scraped {pods_scraped()} != {ready_pod_urls()}")
+        assert len(pods_scraped()) == 2
+    finally:
+        scraper.close()
