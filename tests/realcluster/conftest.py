@@ -9,6 +9,7 @@ session fails at once with the reason: it never skips.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import secrets
@@ -32,6 +33,11 @@ from vllm_router_svcdisc.sim.cluster import SimCluster
 from vllm_router_svcdisc.sim.dns import ServiceDNS
 
 BACKENDS = ("sim", "real")
+
+#: The shared fast configs with room for a loaded 2-core machine: a real kube-apiserver's
+#: LIST and a probe through the GIL-shared engines can take seconds there.
+TIER_INFORMER = dataclasses.replace(FAST_INFORMER, connect_timeout=5, list_read_timeout=20)
+TIER_PROBE = dataclasses.replace(FAST_PROBE, timeout=5, attempts=3)
 _namespaces = itertools.count(1)
 
 
@@ -103,8 +109,8 @@ def discover() -> Iterator[Callable[..., K8sServiceDiscovery]]:
         kwargs.setdefault("namespace", b.namespace)
         kwargs.setdefault("label_selector", "app=vllm")
         kwargs.setdefault("api_client", b.router_client())
-        kwargs.setdefault("informer_config", FAST_INFORMER)
-        kwargs.setdefault("probe_config", FAST_PROBE)
+        kwargs.setdefault("informer_config", TIER_INFORMER)
+        kwargs.setdefault("probe_config", TIER_PROBE)
         d = K8sServiceDiscovery(**kwargs)
         made.append(d)
         return d
