@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import kubernetes.client
 import yaml
-from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api
+from kubernetes.client import CoreV1Api, DiscoveryV1Api, RbacAuthorizationV1Api
 
 from tests.realcluster.controlplane import POD_CIDR, REPO, ControlPlane
 from vllm_router_svcdisc.sim.cluster import DEFAULT_MODEL, ENGINE_PORT, SimCluster, SimPod
@@ -204,6 +205,57 @@ def ensure_node(core: CoreV1Api, name: str = NODE) -> None:
             raise
         core.create_node({"metadata": {"name": name, "labels": {
             "kubernetes.io/hostname": name, "topology.kubernetes.io/zone": "zone-a"}}})
+
+
+_canaries = itertools.count(1)
+CANARY_NAMESPACE = "realcluster-canary"
+
+
+def wait_controller_working(plane: ControlPlane, timeout: float = 120.0) -> float:
+    """Until the EndpointSlice controller publishes a new ready pod of a new Service (after a
+    start or an API server restart its watches reconnect with backoff); returns the seconds
+    it took. The canary's address is never dialled."""
+    started = time.monotonic()
+    admin = plane.client()
+    core = CoreV1Api(admin)
+    try:
+        ensure_node(core)
+        try:
+            core.create_namespace({"metadata": {"name": CANARY_NAMESPACE}})
+            core.create_namespaced_service_account(CANARY_NAMESPACE,
+                                                   {"metadata": {"name": "default"}})
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        name = f"canary-{next(_canaries)}"
+        ip = next_pod_ip()
+        core.create_namespaced_service(CANARY_NAMESPACE, {
+            "metadata": {"name": name},
+            "spec": {"selector": {"canary": name}, "ports": [{"port": 80}]}})
+        core.create_namespaced_pod(CANARY_NAMESPACE, {
+            "metadata": {"name": name, "labels": {"canary": name}},
+            "spec": {"nodeName": NODE, "automountServiceAccountToken": False,
+                     "containers": [{"name": "c", "image": "canary"}]}})
+        core.patch_namespaced_pod_status(name, CANARY_NAMESPACE, {"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True"}]}})
+        slices = DiscoveryV1Api(admin)
+        deadline = started + timeout
+        while True:
+            listed = slices.list_namespaced_endpoint_slice(
+                CANARY_NAMESPACE, label_selector=f"kubernetes.io/service-name={name}")
+            if any(ip in (ep.addresses or []) and ep.conditions.ready
+                   for item in listed.items for ep in item.endpoints or []):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the EndpointSlice controller published no slice for "
+                                   f"{CANARY_NAMESPACE}/{name} within {timeout:.0f}s")
+            time.sleep(0.1)
+        core.delete_namespaced_service(name, CANARY_NAMESPACE)
+        core.delete_namespaced_pod(name, CANARY_NAMESPACE, grace_period_seconds=0)
+    finally:
+        admin.close()
+    return time.monotonic() - started
 
 
 def apply_rbac(admin: Any, namespace: str, *, name: str = "vllm-router",
@@ -425,7 +477,9 @@ class RealBackend:
             self.finish(name)
 
     def restart_api(self) -> None:
+        """Restart kube-apiserver; returns once the EndpointSlice controller works again."""
         self.plane.restart_apiserver()
+        wait_controller_working(self.plane)
 
     def revoke_access(self) -> None:
         """Delete the router's RoleBinding: every list and watch is forbidden."""
@@ -442,7 +496,7 @@ class RealBackend:
         self.core.create_namespaced_config_map(self.namespace, {
             "metadata": {"generateName": "unwatched-"}, "data": {"at": _now()}})
         self.plane.compact_etcd()
-        self.plane.restart_apiserver()
+        self.restart_api()
 
     def ready_ips(self, service: str) -> list[str]:
         with self._lock:

@@ -19,7 +19,7 @@ ETCD_VERSION=v3.6.16   # must match go/etcd/go.mod
 GO_MIN=1.26.0
 
 here="$(cd "$(dirname "$0")" && pwd)"
-cache_root="${VLLM_SVCDISC_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm-svcdisc/control-plane}"
+cache_root="${VLLM_SVCDISC_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/vllm-svcdisc/control-plane}"
 kube_dir="$cache_root/kubernetes-$KUBE_VERSION"
 etcd_dir="$cache_root/etcd-$ETCD_VERSION"
 force=0

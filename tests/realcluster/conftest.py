@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import FAST_INFORMER, FAST_PROBE
-from tests.realcluster.backends import Backend, RealBackend, SimBackend
+from tests.realcluster.backends import Backend, RealBackend, SimBackend, wait_controller_working
 from tests.realcluster.controlplane import (
     ControlPlane,
     in_private_network_namespace,
@@ -65,6 +65,7 @@ def control_plane() -> Iterator[ControlPlane]:
     plane = ControlPlane(workdir, kube_bin, etcd_bin)
     try:
         plane.start()
+        wait_controller_working(plane)
         yield plane
     finally:
         plane.stop()
