@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -69,6 +70,8 @@ def control_plane() -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.stop()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def new_namespace() -> str:

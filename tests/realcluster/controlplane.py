@@ -243,12 +243,15 @@ class ControlPlane:
         self.etcd.start()
         _wait_http(f"{self.etcd_url}/health", None, 60, self.etcd)
         self.start_apiserver()
+        self.start_controller_manager()
+        return self
+
+    def start_controller_manager(self) -> None:
         self.controller_manager.start()
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE  # its self-signed serving cert; loopback only
         _wait_http(f"https://{HOST}:{KCM_PORT}/healthz", insecure, 90, self.controller_manager)
-        return self
 
     def start_apiserver(self) -> None:
         self.apiserver.start()
@@ -256,8 +259,15 @@ class ControlPlane:
                    {"Authorization": f"Bearer {self.admin_token}"})
 
     def restart_apiserver(self) -> None:
-        self.apiserver.stop()
+        """Restart kube-apiserver (SIGTERM, its graceful shutdown), then the controller-manager,
+        as a control-plane node's restart does. Left alone, the controller-manager resumes only
+        after its reflectors' backoff, which grows with each restart (up to a minute here)."""
+        # it stops listening at once but lingers after its shutdown (in-flight watches):
+        # 5 s, then SIGKILL
+        self.apiserver.stop(timeout=5)
         self.start_apiserver()
+        self.controller_manager.stop()
+        self.start_controller_manager()
 
     def stop(self) -> None:
         for process in (self.controller_manager, self.apiserver, self.etcd):

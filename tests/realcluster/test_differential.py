@@ -143,12 +143,19 @@ def test_v1_endpoints_match(both: tuple[SimBackend, RealBackend]) -> None:
 
 
 def test_slice_layout_past_one_hundred_endpoints(both: tuple[SimBackend, RealBackend]) -> None:
+    """105 endpoints: two slices of at most 100 on both. How they split differs: the
+    simulator packs in order (100 + 5); the real controller's split depends on the order pods
+    became ready and how its syncs batched them (99 + 6 has been seen)."""
     sim, real = both
     roles = Roles()
     for b in (sim, real):
         b.add_service("big", replicas=105)
-    view = same_on_both(sim, real, lambda b: slice_view(b, roles, "big")["slice sizes"])
-    assert sum(view) == 105 and max(view) <= 100, view
+
+    def layout(b: Backend) -> tuple[int, int, bool]:
+        sizes = slice_view(b, roles, "big")["slice sizes"]
+        return sum(sizes), len(sizes), max(sizes, default=0) <= 100
+
+    assert same_on_both(sim, real, layout) == (105, 2, True)
 
 
 def _forbidden(b: Backend, list_call: str) -> dict[str, Any]:
