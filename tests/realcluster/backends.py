@@ -49,6 +49,8 @@ class Backend(Protocol):
 
     def set_service_ports(self, name: str, ports: Sequence[tuple[str, int]]) -> None: ...
 
+    def set_selector(self, name: str, selector: Mapping[str, str]) -> None: ...
+
     def pods(self, service: str) -> list[str]: ...
 
     def pod_ip(self, pod: str) -> str: ...
@@ -105,6 +107,9 @@ class SimBackend:
         self.cluster.set_service_ports(name, ports, self.namespace)
         # SimCluster leaves its own record of the port alone; url_of reads it
         self.cluster.service(name, self.namespace).port = ports[0][1]
+
+    def set_selector(self, name: str, selector: Mapping[str, str]) -> None:
+        self.cluster.set_service_selector(name, selector, self.namespace)
 
     def pods(self, service: str) -> list[str]:
         found = sorted(self.cluster.pods(service, self.namespace), key=lambda p: p.name)
@@ -374,6 +379,12 @@ class RealBackend:
 
     def selector_of(self, service: str) -> dict[str, str]:
         return dict(self._services[service].selector)
+
+    def set_selector(self, name: str, selector: Mapping[str, str]) -> None:
+        self.core.patch_namespaced_service(name, self.namespace, [
+            {"op": "replace", "path": "/spec/selector", "value": dict(selector)}])
+        with self._lock:
+            self._services[name].selector = dict(selector)
 
     def url_of(self, service: str) -> str:
         s = self._services[service]

@@ -103,12 +103,19 @@ def test_every_pod_unready_makes_the_service_unroutable(backend: Backend,
     assert service_urls(d) == [] and pod_urls(d) == []
 
 
-def test_delete_and_recreate(backend: Backend, discover: Discover) -> None:
+def converged_pair(backend: Backend, discover: Discover, other: str,
+                   replicas: int) -> tuple[K8sServiceDiscovery, set[str]]:
+    """Services ``vllm-a`` (2 pods) and ``other``, discovery converged on them; returns it and
+    vllm-a's pod addresses."""
     backend.add_service("vllm-a", replicas=2)
-    backend.add_service("vllm-b", replicas=1)
+    backend.add_service(other, replicas=replicas)
     d = discover(backend)
-    wait_converged(d, backend, ["vllm-a", "vllm-b"])
-    old = {backend.pod_ip(p) for p in backend.pods("vllm-a")}
+    wait_converged(d, backend, ["vllm-a", other])
+    return d, {backend.pod_ip(p) for p in backend.pods("vllm-a")}
+
+
+def test_delete_and_recreate(backend: Backend, discover: Discover) -> None:
+    d, old = converged_pair(backend, discover, "vllm-b", 1)
     backend.delete_service("vllm-a")
     wait_for(lambda: service_urls(d) == [backend.url_of("vllm-b")], CONVERGE,
              lambda: f"[{backend.name}] vllm-a still listed: {service_urls(d)}")
@@ -195,6 +202,15 @@ def test_real_backend_is_the_real_control_plane(backend: Backend) -> None:
     assert isinstance(backend, RealBackend)
     version = kubernetes.client.VersionApi(backend.admin).get_code()
     assert version.git_version == "v1.37.2", version
+
+
+def test_service_selector_change(backend: Backend, discover: Discover) -> None:
+    d, old = converged_pair(backend, discover, "pool-b", 3)
+    backend.set_selector("vllm-a", backend.selector_of("pool-b"))
+    wait_converged(d, backend, ["vllm-a", "pool-b"])
+    moved = routable_ips(d, backend.url_of("vllm-a"))
+    assert moved == routable_ips(d, backend.url_of("pool-b")) and len(moved) == 3
+    assert not old & set(moved) and len(pod_urls(d)) == 3
 
 
 def test_scraper_follows_the_ready_pods(backend: Backend, discover: Discover) -> None:
