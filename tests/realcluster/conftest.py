@@ -61,7 +61,9 @@ def control_plane() -> Iterator[ControlPlane]:
     """etcd + kube-apiserver + kube-controller-manager, started once for the session."""
     _check_namespace()
     kube_bin, etcd_bin = locate_binaries()
-    keep = os.environ.get("REALCLUSTER_KEEP_LOGS")
+    keep = os.environ.get("REALCLUSTER_KEEP_LOGS")  # a folder to keep the logs in
+    if keep:
+        os.makedirs(keep, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="realcluster-", dir=keep or None))
     plane = ControlPlane(workdir, kube_bin, etcd_bin)
     try:
