@@ -6,8 +6,11 @@ showing both."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -269,3 +272,93 @@ def test_watch_from_an_expired_resource_version_gets_the_same_410(
     kind, event_type, status = seen["real"]
     assert (kind, event_type, status["code"], status["reason"]) == ("event", "ERROR", 410,
                                                                     "Expired"), seen
+
+
+class SliceWatch:
+    """A watch on a Service's EndpointSlices in a thread; ``states(ip)`` is what a client saw
+    for one endpoint, event by event: (ready, serving, terminating), or None when absent."""
+
+    def __init__(self, b: Backend, service: str) -> None:
+        api = DiscoveryV1Api(b.router_client())
+        selector = f"kubernetes.io/service-name={service}"
+        listed = _raw(api.list_namespaced_endpoint_slice, b.namespace, label_selector=selector)
+        self._stream = api.list_namespaced_endpoint_slice(
+            b.namespace, label_selector=selector, watch=True, timeout_seconds=int(DEADLINE) * 2,
+            resource_version=listed["metadata"]["resourceVersion"], _preload_content=False)
+        self._slices: dict[str, list[dict[str, Any]]] = {
+            item["metadata"]["name"]: item.get("endpoints") or [] for item in listed["items"]}
+        self._seen: list[dict[str, tuple[bool, bool, bool]]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self._stream.stream(amt=None):
+                for text in chunk.splitlines():
+                    if text.strip():
+                        self._apply(json.loads(text))
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError):
+            pass  # closed by stop()
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+            return
+        name = event["object"]["metadata"]["name"]
+        with self._lock:
+            if event["type"] == "DELETED":
+                self._slices.pop(name, None)
+            else:
+                self._slices[name] = event["object"].get("endpoints") or []
+            view = {}
+            for endpoints in self._slices.values():
+                for ep in endpoints:
+                    c = ep.get("conditions") or {}
+                    view[ep["addresses"][0]] = (c.get("ready"), c.get("serving"),
+                                                c.get("terminating"))
+            self._seen.append(view)
+
+    def states(self, ip: str) -> list[tuple[bool, bool, bool] | None]:
+        """The endpoint's successive states (consecutive repeats dropped)."""
+        with self._lock:
+            out: list[tuple[bool, bool, bool] | None] = []
+            for view in self._seen:
+                if not out or out[-1] != view.get(ip):
+                    out.append(view.get(ip))
+            return out
+
+    def stop(self) -> None:
+        """Shut the connection's socket, so the blocked read ends now, not at the timeout."""
+        sock = getattr(getattr(self._stream, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        assert not self._thread.is_alive(), "the watch reader did not stop"
+        self._stream.release_conn()
+
+
+def test_watch_sees_the_same_states_through_a_graceful_then_forced_deletion(
+        both: tuple[SimBackend, RealBackend]) -> None:
+    """Graceful deletion (terminating, still serving), then the pod gone: the states a client
+    watching the slices sees for that endpoint."""
+    sim, real = both
+    seen = {}
+    for b in (sim, real):
+        b.add_service("roll", replicas=2)
+        wait_for(lambda b=b: [e[1:4] for e in slice_view(b, Roles(), "roll")["endpoints"]]
+                 == [(True, True, False)] * 2, DEADLINE, f"[{b.name}] pods never ready")
+        pod = b.pods("roll")[0]
+        ip = b.pod_ip(pod)
+        watch = SliceWatch(b, "roll")
+        try:
+            b.terminate(pod)
+            wait_for(lambda w=watch, ip=ip: (False, True, True) in w.states(ip), DEADLINE,
+                     lambda w=watch, ip=ip, b=b: f"[{b.name}] {w.states(ip)}")
+            b.finish(pod)
+            wait_for(lambda w=watch, ip=ip: w.states(ip)[-1:] == [None], DEADLINE,
+                     lambda w=watch, ip=ip, b=b: f"[{b.name}] {w.states(ip)}")
+            seen[b.name] = watch.states(ip)
+        finally:
+            watch.stop()
+    assert seen["sim"] == seen["real"] == [(False, True, True), None], seen
