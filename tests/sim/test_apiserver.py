@@ -636,6 +636,13 @@ def test_allowed_verbs_forbid_get() -> None:
         assert (
             'cannot get resource "services" in API group "" in the namespace "default"' in message
         )
+        # a real denial's details: the name, the group unless core, the resource as kind
+        assert json.loads(denied.value.body)["details"] == {"name": "x", "kind": "services"}
+        srv.allowed_verbs = frozenset()
+        with pytest.raises(ApiException) as denied:
+            client.DiscoveryV1Api(srv.api_client()).list_namespaced_endpoint_slice("default")
+        assert json.loads(denied.value.body)["details"] == {"group": "discovery.k8s.io",
+                                                             "kind": "endpointslices"}
 
 
 # --- raw protocol details ----------------------------------------------------------------------

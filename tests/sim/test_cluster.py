@@ -26,8 +26,11 @@ def test_terminating_pod_shows_terminating_not_ready_then_goes(cluster: SimClust
     cluster.terminate_pod(pod)
     assert _slice_endpoints(cluster, "alpha")[pod.ip] == {
         "ready": False, "serving": True, "terminating": True}
+    # v1 Endpoints drop a terminating pod at once (the real endpoints controller does)
     endpoints = cluster.api.get("endpoints", "default", "alpha")
-    assert pod.ip in [a["ip"] for a in endpoints["subsets"][0]["notReadyAddresses"]]
+    listed = [a["ip"] for subset in endpoints["subsets"]
+              for key in ("addresses", "notReadyAddresses") for a in subset.get(key, [])]
+    assert pod.ip not in listed and len(listed) == 1
     cluster.finish_termination(pod)
     assert pod.ip not in _slice_endpoints(cluster, "alpha")
     assert cluster.api.get("pods", "default", pod.name) is None
@@ -123,3 +126,17 @@ def test_without_prestop_sigterm_comes_with_the_endpoint_update(cluster: SimClus
     cluster.terminate_pod(pod)
     assert _slice_endpoints(cluster, "alpha")[pod.ip]["terminating"] is True
     assert not pod.engine.is_listening
+
+
+def test_a_selector_change_moves_the_service_to_the_pods_it_now_matches(
+        cluster: SimCluster) -> None:
+    own = cluster.add_service("alpha", replicas=2)
+    other = cluster.add_service("beta", replicas=3)
+    cluster.set_service_selector("alpha", other.selector)
+    assert sorted(p.name for p in cluster.pods("alpha")) == sorted(
+        p.name for p in cluster.pods("beta"))
+    assert set(_slice_endpoints(cluster, "alpha")) == {p.ip for p in cluster.pods("beta")}
+    assert cluster.api.get("services", "default", "alpha")["spec"]["selector"] == other.selector
+    cluster.add_pod("beta")  # a new matching pod joins both
+    assert len(_slice_endpoints(cluster, "alpha")) == 4
+    assert own.selector == other.selector

@@ -810,7 +810,8 @@ class FakeApiServer:
         if fault.cause == _TOO_LARGE_CAUSE:
             body = _too_large_status(query.get("resourceVersion") or "0", self.resource_version)
         else:
-            body = status_body(status, _fault_message(status, verb, route))
+            body = status_body(status, _fault_message(status, verb, route),
+                               _forbidden_details(route) if status == 403 else None)
         if fault.how == "silent":
             handler.start_chunked()
             self._hold_silently(handler)
@@ -1094,6 +1095,18 @@ def _forbidden_message(verb: str, route: _Route) -> str:
         f'{subject} is forbidden: User "{_USER}" cannot {verb} resource "{rtype.plural}" '
         f'in API group "{rtype.group}" {scope}'
     )
+
+
+def _forbidden_details(route: _Route) -> Obj:
+    """A real RBAC denial's ``details``: the object's name (if one), the group (if not core),
+    and the resource as ``kind``."""
+    details: Obj = {}
+    if route.name:
+        details["name"] = route.name
+    if route.rtype.group:
+        details["group"] = route.rtype.group
+    details["kind"] = route.rtype.plural
+    return details
 
 
 def _continue_token(rv: int, next_key: tuple[str, str]) -> str:

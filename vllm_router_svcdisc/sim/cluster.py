@@ -377,6 +377,21 @@ class SimCluster:
             ]
             self.api.put("services", obj)
 
+    def set_service_selector(self, name: str, selector: Mapping[str, str],
+                             namespace: str = "default") -> None:
+        """Replace the Service's selector: the pods behind it are those it matches now (the
+        pods it created live on; it still owns them)."""
+        with self._lock:
+            service = self.service(name, namespace)
+            self._services_by_label.get(self._service_index_key(service),
+                                        set()).discard(service.key)
+            service.selector = dict(selector)
+            self._services_by_label.setdefault(self._service_index_key(service),
+                                               set()).add(service.key)
+            service.pods = {p.name: p for p in self._candidates(service) if service.selects(p)}
+            self.api.put("services", self._service_object(service))
+            self._sync_endpoints(service)
+
     def service(self, name: str, namespace: str = "default") -> SimService:
         with self._lock:
             return self._services[f"{namespace}/{name}"]
@@ -791,7 +806,8 @@ class SimCluster:
 
     def _endpoints_object(self, service: SimService, pods: Sequence[SimPod]) -> dict[str, Any]:
         """The endpoints controller: one subset per distinct port; with
-        ``publishNotReadyAddresses`` every pod is in ``addresses``."""
+        ``publishNotReadyAddresses`` every pod is in ``addresses``, without it terminating
+        pods are left out."""
 
         def address(p: SimPod) -> dict[str, Any]:
             return {"ip": p.ip, "nodeName": p.node_name,
@@ -799,6 +815,8 @@ class SimCluster:
 
         by_port: dict[int, list[SimPod]] = {}
         for pod in pods:
+            if pod.terminating and not service.publish_not_ready:
+                continue  # the endpoints controller drops terminating pods (not its slices)
             by_port.setdefault(service.pod_port(pod), []).append(pod)
         subsets = []
         for port, members in sorted(by_port.items()):
