@@ -189,10 +189,13 @@ class K8sServiceDiscovery:
         else:
             list_services = functools.partial(core.list_namespaced_service, self.namespace)
         self._endpoint_source = _EndpointSource(self._api_client, self.namespace)
+        # Both informers pass the API client: they share one /readyz recovery checker.
         self._services = Informer("services", list_services, self._apply_service_changes,
-                                  label_selector=self.label_selector, config=informer_config)
+                                  label_selector=self.label_selector, config=informer_config,
+                                  api_client=self._api_client)
         self._endpoints = Informer("endpointslices", self._endpoint_source,
-                                   self._apply_endpoint_changes, config=informer_config)
+                                   self._apply_endpoint_changes, config=informer_config,
+                                   api_client=self._api_client)
         self._closed = False
         self._selector_matched: bool | None = None
         self._prober.start()
