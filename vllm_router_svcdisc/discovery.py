@@ -21,6 +21,7 @@ from kubernetes import config as k8s_config
 from urllib3.connection import HTTPConnection
 
 from .cache import DiscoveryCache, ModelProbe, PortSpec, ServiceView, Snapshot
+from .errors import SvcDiscError
 from .informer import Change, Informer, InformerConfig, InformerStatus
 from .k8s_objects import IPV4, IPV6
 from .probe import ModelProber, ProbeConfig
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 ALL_NAMESPACES = "*"
 
 
-class DiscoveryConfigError(RuntimeError):
+class DiscoveryConfigError(SvcDiscError, RuntimeError):
     """No usable Kubernetes configuration (neither in-cluster nor a kubeconfig)."""
 
 

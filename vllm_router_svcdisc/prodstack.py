@@ -35,6 +35,7 @@ from prometheus_client import REGISTRY
 
 from .compat import create_service_discovery, routing_for
 from .discovery import K8sServiceDiscovery
+from .errors import SvcDiscError
 from .scraper import EngineStatsScraper
 from .telemetry import DiscoveryCollector
 
@@ -54,7 +55,7 @@ REPLACED_GETTERS = ("initialize_engine_stats_scraper", "get_engine_stats_scraper
 APP_MODULE = "vllm_router.app"
 
 
-class HostShapeError(RuntimeError):
+class HostShapeError(SvcDiscError, RuntimeError):
     """production-stack is missing, or not shaped the way this entry point expects."""
 
 
