@@ -298,6 +298,17 @@ def test_garbage(engine: FakeEngine) -> None:
         json.loads(r.content)
 
 
+def test_bad_models_lists_model_names_instead_of_cards(engine: FakeEngine) -> None:
+    engine.mode = EngineMode.BAD_MODELS
+    r = requests.get(engine.url + "/v1/models", timeout=5)
+    assert r.status_code == 200
+    assert r.json() == {"object": "list", "data": [engine.model]}  # strings, not cards
+    assert requests.get(engine.url + "/metrics", timeout=5).status_code == 200
+    engine.mode = EngineMode.OK
+    assert requests.get(engine.url + "/v1/models", timeout=5).json()["data"][0]["id"] == (
+        engine.model)
+
+
 def test_error500(engine: FakeEngine) -> None:
     engine.mode = EngineMode.ERROR500
     assert requests.get(engine.url + "/metrics", timeout=5).status_code == 500
