@@ -281,14 +281,15 @@ class Informer:
 
         Returns True when the thread has ended within ``timeout``.
         """
+        deadline = time.monotonic() + timeout
         self.signal_stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         checker, client = self._recovery, self._recovery_client
         if checker is not None and client is not None:
-            self._recovery_client = None  # released once
-            recovery.release(client, checker)
+            self._recovery_client = None  # released once; the last user joins its thread
+            recovery.release(client, checker, timeout=max(0.1, deadline - time.monotonic()))
         return thread is None or thread is threading.current_thread() or not thread.is_alive()
 
     def has_synced(self) -> bool:

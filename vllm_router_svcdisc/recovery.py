@@ -278,8 +278,9 @@ def acquire(api_client: Any, *, interval: float, timeout: float, clock: Clock = 
         return shared.checker
 
 
-def release(api_client: Any, checker: RecoveryChecker) -> None:
-    """One user fewer; the last one stops (and joins) the checker's thread."""
+def release(api_client: Any, checker: RecoveryChecker, timeout: float = _JOIN_TIMEOUT) -> None:
+    """One user fewer; the last one stops the checker and joins its thread (up to ``timeout``;
+    a check in flight ends by its own timeout)."""
     with _registry_lock:
         shared = _registry.get(api_client)
         if shared is not None and shared.checker is checker:
@@ -287,4 +288,4 @@ def release(api_client: Any, checker: RecoveryChecker) -> None:
             if shared.users > 0:
                 return
             del _registry[api_client]
-    checker.stop()
+    checker.stop(timeout)
