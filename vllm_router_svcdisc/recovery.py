@@ -2,7 +2,7 @@
 
 An informer that cannot reach the API server, or gets errors from it, backs off exponentially
 (client-go's 0.8 s doubling to 30 s).  Without help it learns that the server is back only when
-its current wait ends: up to 30 s (60 s with jitter) of a stale cache after an outage.  While
+its current wait ends: up to 30 s of a stale cache after an outage.  While
 at least one informer is waiting out a backoff longer than one check period, the
 :class:`RecoveryChecker` of its API client GETs ``/readyz`` about once a second (through the same
 ``ApiClient``: same host, TLS and credentials; exempt from API Priority and Fairness, readable by
