@@ -391,7 +391,7 @@ class Informer:
         self._wake.clear()
         if self._stop.is_set():
             return
-        with checker.waiting(self._wake):
+        with checker.waiting(self._wake, unreachable=result.outcome is Outcome.UNREACHABLE):
             woken = self._clock.wait(self._wake, delay)
         if not woken or self._stop.is_set():
             return

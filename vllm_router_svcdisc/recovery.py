@@ -14,9 +14,12 @@ The rules (unit-tested on the fake clock):
 - it probes only while some informer is waiting, at most once per ``interval`` (and never
   sooner than a 429's ``Retry-After``), so a sick API server sees at most about one cheap
   request a second per API client, however many informers share it;
-- it wakes the waiters only on a failure -> success transition: when ``/readyz`` answers 200
-  while list/watch fails (RBAC, a broken resource), the outage is not availability, the waiters
-  are left to their backoff and are not probed for again during that wait;
+- it wakes a waiter only on a failure -> success transition seen during its wait: a check that
+  failed, then one that succeeded (a waiter whose own request found the server unreachable
+  counts as having seen the failure: a 200 after a refused connection is the server back).
+  When ``/readyz`` answers 200 while list/watch fails (RBAC, a broken resource), the failure
+  is not availability: the waiter is left to its backoff and not checked for again during that
+  wait, so such a failure never turns into a retry a second;
 - ``/readyz`` answering 401, 403 or 404 (forbidden, or not served: a proxy, an old server)
   turns the checker off for good: plain backoff, said once in the log;
 - ``stop()`` (the last informer using it stopped) ends and joins its thread promptly.
@@ -46,6 +49,9 @@ DISABLING_STATUSES = frozenset({401, 403, 404})
 #: With no waiter, the thread re-checks for work at least this often (a bound, not a poll).
 _IDLE_WAIT = 60.0
 _JOIN_TIMEOUT = 2.0
+# What a waiter's wait has seen: nothing yet; the server down (a failed check, or its own
+# request unanswered); the server up (woken, or up without having been seen down).
+_FRESH, _DOWN, _SETTLED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,8 @@ class RecoveryChecker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._demand = threading.Event()  # set when a waiter arrives, or on stop
-        # guarded by _lock: waiter event -> settled (the server looked up during its wait)
-        self._waiters: dict[threading.Event, bool] = {}
-        self._down_seen = False
+        # guarded by _lock: waiter event -> what its wait has seen (_FRESH, _DOWN, _SETTLED)
+        self._waiters: dict[threading.Event, int] = {}
         self._enabled = True
         self._thread: threading.Thread | None = None
         self._last_check: float | None = None
@@ -101,16 +106,17 @@ class RecoveryChecker:
         return self._enabled and not self._stop.is_set()
 
     @contextlib.contextmanager
-    def waiting(self, wake: threading.Event) -> Iterator[bool]:
+    def waiting(self, wake: threading.Event, *, unreachable: bool = False) -> Iterator[bool]:
         """Register ``wake`` for the duration of a backoff wait; yields whether it may be set.
 
-        The event is set when the server is seen back (a failed check, then a good one).
+        The event is set when the server is seen back: a failed check, then a good one; with
+        ``unreachable`` (the waiter's own request got no answer at all), the first good check.
         """
         if not self.enabled:
             yield False
             return
         with self._lock:
-            self._waiters[wake] = False
+            self._waiters[wake] = _DOWN if unreachable else _FRESH
         self._ensure_thread()
         self._demand.set()
         try:
@@ -142,11 +148,9 @@ class RecoveryChecker:
     def _wanted(self) -> bool:
         """Someone is waiting whom a check could still help."""
         with self._lock:
-            wanted = any(not settled for settled in self._waiters.values())
+            wanted = any(seen != _SETTLED for seen in self._waiters.values())
             if not wanted:
                 self._demand.clear()
-            if not self._waiters:
-                self._down_seen = False  # a failure seen in an episode that is over
             return wanted
 
     def run(self) -> None:
@@ -191,13 +195,15 @@ class RecoveryChecker:
             return 0.0
         if not result.ok:
             self.failed_checks += 1
-            self._down_seen = True
+            with self._lock:
+                for wake, seen in self._waiters.items():
+                    if seen == _FRESH:
+                        self._waiters[wake] = _DOWN
             return max(self.interval, result.retry_after or 0.0)
         with self._lock:
-            woken = list(self._waiters) if self._down_seen else []
+            woken = [wake for wake, seen in self._waiters.items() if seen == _DOWN]
             for wake in self._waiters:
-                self._waiters[wake] = True  # up now: nothing more to learn during this wait
-            self._down_seen = False
+                self._waiters[wake] = _SETTLED  # up now: nothing more to learn in this wait
         if woken:
             self.wakeups += 1
             log.info("API server %s answers again: %d waiting informer(s) retry now",

@@ -134,6 +134,24 @@ def test_a_server_that_answers_readyz_while_list_fails_leaves_the_backoff_alone(
     assert server.times == [T0, T0 + 50], "one check per wait, then nothing more to learn"
 
 
+def test_a_waiter_whose_request_got_no_answer_is_woken_by_the_first_good_check() -> None:
+    # the server came back between the informer's refused connection and the first check
+    clock, server, checker, _ = make(lambda _t: 200)
+    refused = threading.Event()
+    answered = threading.Event()  # its request got an error answer: RBAC, say
+    stack = contextlib.ExitStack()
+
+    def both_wait() -> None:  # two informers start waiting at the same moment
+        stack.enter_context(checker.waiting(refused, unreachable=True))
+        stack.enter_context(checker.waiting(answered))
+
+    clock.call_at(T0, both_wait)
+    clock.call_at(T0 + 20, stack.close)
+    run_until(clock, checker, T0 + 30)
+    assert refused.is_set() and not answered.is_set()
+    assert server.times == [T0] and checker.wakeups == 1
+
+
 @pytest.mark.parametrize("status", [401, 403, 404])
 def test_a_forbidden_or_absent_readyz_falls_back_to_plain_backoff_saying_so_once(
     status: int, caplog: pytest.LogCaptureFixture
