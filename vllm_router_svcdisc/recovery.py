@@ -15,8 +15,9 @@ The rules (unit-tested on the fake clock):
   sooner than a 429's ``Retry-After``), so a sick API server sees at most about one cheap
   request a second per API client, however many informers share it;
 - it wakes a waiter only on a failure -> success transition seen during its wait: a check that
-  failed, then one that succeeded (a waiter whose own request found the server unreachable
-  counts as having seen the failure: a 200 after a refused connection is the server back).
+  failed, then one that succeeded.  A waiter whose own request got no answer at all, or that
+  starts waiting while the last check failed (the outage is still on), counts as having seen
+  the failure: the server may come back before the next check.
   When ``/readyz`` answers 200 while list/watch fails (RBAC, a broken resource), the failure
   is not availability: the waiter is left to its backoff and not checked for again during that
   wait, so such a failure never turns into a retry a second;
@@ -91,6 +92,7 @@ class RecoveryChecker:
         self._demand = threading.Event()  # set when a waiter arrives, or on stop
         # guarded by _lock: waiter event -> what its wait has seen (_FRESH, _DOWN, _SETTLED)
         self._waiters: dict[threading.Event, int] = {}
+        self._last_ok: bool | None = None  # guarded by _lock: how the last check went
         self._enabled = True
         self._thread: threading.Thread | None = None
         self._last_check: float | None = None
@@ -116,7 +118,8 @@ class RecoveryChecker:
             yield False
             return
         with self._lock:
-            self._waiters[wake] = _DOWN if unreachable else _FRESH
+            down = unreachable or self._last_ok is False
+            self._waiters[wake] = _DOWN if down else _FRESH
         self._ensure_thread()
         self._demand.set()
         try:
@@ -196,11 +199,13 @@ class RecoveryChecker:
         if not result.ok:
             self.failed_checks += 1
             with self._lock:
+                self._last_ok = False
                 for wake, seen in self._waiters.items():
                     if seen == _FRESH:
                         self._waiters[wake] = _DOWN
             return max(self.interval, result.retry_after or 0.0)
         with self._lock:
+            self._last_ok = True
             woken = [wake for wake, seen in self._waiters.items() if seen == _DOWN]
             for wake in self._waiters:
                 self._waiters[wake] = _SETTLED  # up now: nothing more to learn in this wait

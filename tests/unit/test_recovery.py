@@ -152,6 +152,17 @@ def test_a_waiter_whose_request_got_no_answer_is_woken_by_the_first_good_check()
     assert server.times == [T0] and checker.wakeups == 1
 
 
+def test_a_waiter_arriving_while_the_last_check_failed_is_woken_by_the_next_good_one() -> None:
+    # its request failed (500) just before the server came back, between two checks
+    back = T0 + 5.5
+    clock, server, checker, _ = make(lambda t: 200 if t >= back else 500)
+    early = waiter(clock, checker, T0, T0 + 5.2)  # an informer whose wait ends before
+    late = waiter(clock, checker, T0 + 5.3, T0 + 30)  # it failed again, waits long now
+    run_until(clock, checker, T0 + 40)
+    assert late.is_set() and not early.is_set()
+    assert server.times[-1] == T0 + 6.0 and checker.wakeups == 1
+
+
 @pytest.mark.parametrize("status", [401, 403, 404])
 def test_a_forbidden_or_absent_readyz_falls_back_to_plain_backoff_saying_so_once(
     status: int, caplog: pytest.LogCaptureFixture
