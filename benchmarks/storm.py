@@ -8,7 +8,12 @@ fault's end until discovery is converged (the routable Services, the ready pods 
 Services equal the simulator's truth, and health is true).  Then the storm: watch cuts every
 300 ms, three API server restarts with compaction, bursts of 500s and of 429s with Retry-After
 and a malformed line, while Services and pods churn; reported: seconds from the last fault to
-converged.  Writes ``benchmarks/results/storm.json`` and ``storm.md`` (also printed).  Targets
+converged.  Then outages of each kind (unreachable, every request 500, every request 429, a
+restart with its watch history compacted) for each length (``--outage-seconds``, default 10,
+30 and 120 s), with Services created, deleted and scaled while the API is out: seconds from the
+server being back to converged (no ghost, nothing missing, every routable Service's models
+right, health true), and the API request rate during the outage, list/watch and ``/readyz``
+separately.  Writes ``benchmarks/results/storm.json`` and ``storm.md`` (also printed).  Targets
 are reported, never enforced: the exit code is 0 unless the run itself broke.
 """
 
@@ -100,11 +105,21 @@ def truth(cluster: SimCluster) -> tuple[list[str], list[str], set[str]]:
             {s.key for s in services})
 
 
+def model_truth(cluster: SimCluster) -> dict[str, list[str]]:
+    """The model each routable Service's pods serve, by Service URL."""
+    return {cluster.url_of(s.name): [s.model] for s in cluster.services()
+            if s.labels.get("app") == "vllm" and s.ready_pods()}
+
+
 def converged(discovery: K8sServiceDiscovery, cluster: SimCluster) -> bool:
+    """No ghost, nothing missing, every routable Service's models right, health true."""
     snapshot = discovery.get_snapshot()
     seen = (sorted(e.url for e in snapshot.endpoint_infos),
             sorted(e.url for e in snapshot.pod_infos), set(snapshot.services))
-    return seen == truth(cluster) and discovery.get_health()
+    if seen != truth(cluster) or not discovery.get_health():
+        return False
+    models = {e.url: sorted(e.model_names) for e in snapshot.endpoint_infos}
+    return models == model_truth(cluster)
 
 
 def wait_converged(discovery: K8sServiceDiscovery, cluster: SimCluster,
@@ -169,6 +184,83 @@ def run_mode(name: str, discovery: K8sServiceDiscovery, cluster: SimCluster,
     if name == "silent":
         result["silent_noticed_s"] = noticed
     return result
+
+
+#: outage kind -> what it is (the fault is applied by ``run_outage``)
+OUTAGES: dict[str, str] = {
+    "unreachable": "API server stopped (connection refused), then started again",
+    "http_500": "every request (list, watch, /readyz) answers 500",
+    "http_429": "every request answers 429, Retry-After: 2",
+    "restart": "API server down, then restarted with its watch history compacted "
+               "(watches from old RVs get 410: re-LIST)",
+}
+
+
+def api_counts(discovery: K8sServiceDiscovery) -> tuple[int, int, int]:
+    """(list/watch requests of both informers, /readyz checks, recovery wake-ups)."""
+    statuses = discovery.informer_status()
+    return (sum(s.requests for s in statuses), max(s.recovery_checks for s in statuses),
+            sum(s.recovery_wakeups for s in statuses))
+
+
+def run_outage(kind: str, discovery: K8sServiceDiscovery, cluster: SimCluster,
+               seconds: float, index: int) -> dict[str, Any]:
+    """One outage of ``kind`` for ``seconds`` while the cluster changes; then time to converge.
+
+    During the outage a Service with a new model is created, one made for the purpose is
+    deleted (a ghost unless a re-LIST or the replayed watch removes it) and a pod of another
+    goes away: all three must be right afterwards.
+    """
+    doomed = f"doomed-{index}"
+    cluster.add_service(doomed, replicas=1)
+    if wait_converged(discovery, cluster, 30) is None:
+        raise RuntimeError(f"not converged before the {kind} outage")
+    before = api_counts(discovery)
+    readyz_before = cluster.api.request_counts().get(("get", "readyz"), 0)
+    started = time.monotonic()
+    if kind in ("unreachable", "restart"):
+        cluster.api.stop()
+    elif kind == "http_500":
+        cluster.api.fail_for(seconds, 500)
+        cluster.api.cut_watches()
+    elif kind == "http_429":
+        cluster.api.fail_for(seconds, 429, retry_after=2)
+        cluster.api.cut_watches()
+    else:
+        raise ValueError(f"unknown outage kind {kind!r}")
+    cluster.add_service(f"made-in-{index}", replicas=1, model=f"model-{index}")
+    cluster.delete_service(doomed)
+    live = [p for p in cluster.pods("vllm-c") if not p.terminating]
+    cluster.scale("vllm-c", 1 if len(live) > 1 else 2)
+    unhealthy_at: float | None = None
+    for _ in range(int(seconds / POLL) + 2):
+        elapsed = time.monotonic() - started
+        if elapsed >= seconds:
+            break
+        if unhealthy_at is None and not discovery.get_health():
+            unhealthy_at = round(elapsed, 2)
+        time.sleep(min(POLL, max(0.0, seconds - elapsed)))
+    if kind == "restart":
+        cluster.api.compact()
+    if kind in ("unreachable", "restart"):
+        cluster.api.start()
+    else:
+        cluster.api.clear_faults()
+    ended = time.monotonic()
+    after = api_counts(discovery)
+    lasted = ended - started
+    list_watch, checks, _ = (a - b for a, b in zip(after, before, strict=True))
+    readyz_served = cluster.api.request_counts().get(("get", "readyz"), 0) - readyz_before
+    recovered = wait_converged(discovery, cluster, 90)
+    wakeups = api_counts(discovery)[2] - before[2]
+    return {"kind": kind, "fault": OUTAGES[kind], "seconds": seconds,
+            "lasted_s": round(lasted, 2),
+            "list_watch_requests": list_watch,
+            "list_watch_per_s": round(list_watch / lasted, 2),
+            "readyz_requests": checks, "readyz_per_s": round(checks / lasted, 2),
+            "readyz_answered_by_server": readyz_served,
+            "wakeups": wakeups, "health_false_after_s": unhealthy_at,
+            "converged_after_end_s": recovered}
 
 
 class Churn:
@@ -256,17 +348,46 @@ def run_storm(discovery: K8sServiceDiscovery, cluster: SimCluster,
             "converged_after_last_fault_s": since_last}
 
 
+def outage_targets(outages: list[dict[str, Any]], interval: float) -> list[dict[str, Any]]:
+    """Converged <= 3 s after every outage; /readyz at most one check per interval."""
+    if not outages:
+        return []
+    late = [o for o in outages
+            if o["converged_after_end_s"] is None or o["converged_after_end_s"] > CONVERGE_TARGET]
+    worst = max(outages, key=lambda o: o["converged_after_end_s"]
+                if o["converged_after_end_s"] is not None else float("inf"))
+    readyz = max(o["readyz_per_s"] for o in outages)
+    limit = 1.0 / interval if interval > 0 else 0.0
+    return [
+        {"target": "every outage kind and length: server back -> converged (no ghost, none "
+                   "missing, models right, healthy)",
+         "goal": f"<= {CONVERGE_TARGET:g} s",
+         "measured": f"worst {worst['converged_after_end_s']} s ({worst['kind']}, "
+                     f"{worst['seconds']:g} s)" + (
+                         "; over: " + ", ".join(f"{o['kind']} {o['seconds']:g} s "
+                                                f"{o['converged_after_end_s']} s" for o in late)
+                         if late else ""),
+         "met": not late},
+        {"target": "/readyz checks per second per API client during an outage",
+         "goal": f"<= {limit:g}" if interval > 0 else "0 (recovery checks off)",
+         "measured": f"max {readyz}",
+         "met": readyz <= limit + 0.05},
+    ]
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = outage_targets(results.get("outages", []),
+                                                results["meta"]["recovery_check_interval_s"])
     modes = results["modes"]
-    worst = max(modes.items(), key=lambda kv: kv[1]["rate_per_informer"])
     storm = results["storm"]
-    rows.append({"target": "API requests/s per informer, every failure mode and the storm",
-                 "goal": f"<= {RATE_TARGET:g}",
-                 "measured": f"max {worst[1]['rate_per_informer']} ({worst[0]}); storm "
-                             f"{storm['rate_per_informer']}",
-                 "met": worst[1]["rate_per_informer"] <= RATE_TARGET
-                 and storm["rate_per_informer"] <= RATE_TARGET})
+    if modes:
+        worst = max(modes.items(), key=lambda kv: kv[1]["rate_per_informer"])
+        rows.append({"target": "API requests/s per informer, every failure mode and the storm",
+                     "goal": f"<= {RATE_TARGET:g}",
+                     "measured": f"max {worst[1]['rate_per_informer']} ({worst[0]}); storm "
+                                 f"{storm['rate_per_informer']}",
+                     "met": worst[1]["rate_per_informer"] <= RATE_TARGET
+                     and storm["rate_per_informer"] <= RATE_TARGET})
     after = storm["converged_after_last_fault_s"]
     rows.append({"target": "storm: last fault -> converged (no ghost, none missing, healthy)",
                  "goal": f"<= {CONVERGE_TARGET:g} s", "measured": f"{after} s",
@@ -283,6 +404,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     unhealthy_after = results["meta"]["unhealthy_after_s"]
     flagged = {k: m["health_false_after_s"] for k, m in modes.items() if m["expect_unhealthy"]}
     liveness = results["meta"]["liveness_s"]
+    if not modes:
+        return rows
     rows.append({"target": f"health false while failing (unhealthy_after {unhealthy_after:g} s;"
                            f" silent: once noticed, liveness {liveness:g} s)",
                  "goal": "<= unhealthy_after + 1 s (silent: max(liveness, unhealthy_after) "
@@ -314,18 +437,30 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     out = [f"# API failure modes and storm recovery ({meta['mode']} run, {meta['date']})", "",
            f"Machine: {meta['cpus']} cores, Python {meta['python']}, {meta['platform']}. "
-           f"Informer: {meta['informer']}; unhealthy_after {meta['unhealthy_after_s']:g} s; "
+           f"Informer: {meta['informer']}; recovery checks every "
+           f"{meta['recovery_check_interval_s']:g} s (0 = off); "
+           f"unhealthy_after {meta['unhealthy_after_s']:g} s; "
            f"bookmarks every {meta['bookmark_interval_s']:g} s. Total {meta['total_s']} s.", "",
            "## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     out += [f"| {r['target']} | {r['goal']} | {r['measured']} | {'yes' if r['met'] else 'NO'} |"
             for r in results["targets"]]
-    out += ["", "## Failure modes", "",
-            "| mode | fault | s | API req/s per informer (max) | requests (svc, eps) | "
-            "health false after s | converged after end s |", "|---|---|---|---|---|---|---|"]
+    if results["modes"]:
+        out += ["", "## Failure modes", "",
+                "| mode | fault | s | API req/s per informer (max) | requests (svc, eps) | "
+                "health false after s | converged after end s |", "|---|---|---|---|---|---|---|"]
     for name, m in results["modes"].items():
         out.append(f"| {name} | {m['fault']} | {m['seconds']:g} | {m['rate_per_informer']} | "
                    f"{m['requests_per_informer']} | {m['health_false_after_s']} | "
                    f"{m['converged_after_end_s']} |")
+    outages = results.get("outages", [])
+    if outages:
+        out += ["", "## Outages", "",
+                "| kind | outage s | list/watch req/s (both informers) | /readyz req/s | "
+                "wake-ups | health false after s | converged after the server is back s |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {o['kind']} | {o['seconds']:g} | {o['list_watch_per_s']} | "
+                f"{o['readyz_per_s']} | {o['wakeups']} | {o['health_false_after_s']} | "
+                f"{o['converged_after_end_s']} |" for o in outages]
     storm = results["storm"]
     out += ["", "## Storm", "",
             f"{storm['seconds']} s: {storm['faults']}. API requests per informer "
@@ -342,9 +477,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unhealthy-after", type=float, help="health threshold (5; quick 1)")
     parser.add_argument("--liveness", type=float, default=3.0,
                         help="watch liveness window for the run (default 3 s; shipped 120 s)")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--outage-seconds", type=float, nargs="*",
+                        help="outage lengths (10 30 120; quick 3); none: no outage runs")
+    parser.add_argument("--outage-kinds", nargs="*", choices=list(OUTAGES),
+                        default=list(OUTAGES))
+    parser.add_argument("--recovery-check-interval", type=float, default=1.0,
+                        help="InformerConfig.recovery_check_interval (default 1 s; 0 = off, "
+                             "the plain backoff)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.outage_seconds is None:
+        args.outage_seconds = [3.0] if args.quick else [10.0, 30.0, 120.0]
     for name, full, quick in (("mode_seconds", 10.0, 3.0), ("storm_seconds", 30.0, 6.0),
                               ("unhealthy_after", 5.0, 1.0)):
         if getattr(args, name) is None:
@@ -365,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     # client-go's backoff and watch timeouts; only the liveness window is shortened.
-    informer = InformerConfig(watch_liveness_timeout=args.liveness)
+    informer = InformerConfig(watch_liveness_timeout=args.liveness,
+                              recovery_check_interval=args.recovery_check_interval)
     bookmark_interval = 1.0
     results: dict[str, Any] = {"meta": {
         "mode": "quick" if args.quick else "full",
@@ -375,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         "informer": f"InformerConfig(watch_liveness_timeout={args.liveness:g}), otherwise "
                     "the defaults (backoff 0.8 s x2 to 30 s, watch timeout 300-600 s)",
         "unhealthy_after_s": args.unhealthy_after, "liveness_s": args.liveness,
+        "recovery_check_interval_s": args.recovery_check_interval,
         "bookmark_interval_s": bookmark_interval,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }, "modes": {}}
+    }, "modes": {}, "outages": []}
     exit_code = 0
     try:
         with SimCluster(bookmark_interval=bookmark_interval) as cluster:
@@ -399,6 +545,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"storm: {args.storm_seconds:g} s")
                 results["storm"] = run_storm(discovery, cluster, args.storm_seconds)
                 progress(f"storm: {results['storm']}")
+                index = 0
+                for seconds in args.outage_seconds:
+                    for kind in args.outage_kinds:
+                        index += 1
+                        progress(f"outage {kind} for {seconds:g} s")
+                        outage = run_outage(kind, discovery, cluster, seconds, index)
+                        results["outages"].append(outage)
+                        progress(f"outage: {outage}")
             finally:
                 discovery.close()
     except KeyboardInterrupt:
@@ -409,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         results["error"] = f"{exc.__class__.__name__}: {exc}"
         progress(results["error"])
     results["meta"]["total_s"] = round(time.monotonic() - started, 1)
-    if "storm" in results and results["modes"]:
+    if "storm" in results:
         results["targets"] = targets(results)
     else:
         results["targets"] = []

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_storm_quick_runs_and_writes_results(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "storm.py"), "--quick",
            "--modes", "empty", "silent", "--mode-seconds", "1", "--storm-seconds", "2",
-           "--liveness", "1", "--unhealthy-after", "0.5", "--output-dir", str(tmp_path)]
+           "--liveness", "1", "--unhealthy-after", "0.5", "--outage-seconds", "1",
+           "--outage-kinds", "unreachable", "restart", "--output-dir", str(tmp_path)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "storm.json").read_text())
@@ -24,6 +25,11 @@ def test_storm_quick_runs_and_writes_results(tmp_path: Path) -> None:
                 "converged_after_end_s"} <= mode.keys()
     assert len(results["modes"]["silent"]["silent_noticed_s"]) == 2
     assert {"rate_per_informer", "converged_after_last_fault_s"} <= results["storm"].keys()
+    assert [(o["kind"], o["seconds"]) for o in results["outages"]] == [
+        ("unreachable", 1.0), ("restart", 1.0)]
+    for outage in results["outages"]:
+        assert {"list_watch_per_s", "readyz_per_s", "wakeups", "converged_after_end_s",
+                "health_false_after_s"} <= outage.keys()
     assert all({"target", "goal", "measured", "met"} <= row.keys()
                for row in results["targets"])
     assert "| target | goal | measured | met |" in (tmp_path / "storm.md").read_text()

@@ -21,6 +21,7 @@ from urllib3.connection import HTTPConnection
 
 from .cache import DiscoveryCache, ModelProbe, PortSpec, ProbeTarget, ServiceView, Snapshot
 from .clock import SYSTEM_CLOCK, Clock
+from .errors import SvcDiscError
 from .informer import Change, Informer, InformerConfig, InformerStatus
 from .k8s_objects import IPV4, IPV6
 from .liveness import Liveness
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 ALL_NAMESPACES = "*"
 
 
-class DiscoveryConfigError(RuntimeError):
+class DiscoveryConfigError(SvcDiscError, RuntimeError):
     """No usable Kubernetes configuration (neither in-cluster nor a kubeconfig)."""
 
 
@@ -203,12 +204,13 @@ class K8sServiceDiscovery:
         else:
             list_services = functools.partial(core.list_namespaced_service, self.namespace)
         self._endpoint_source = _EndpointSource(self._api_client, self.namespace)
+        # Both informers pass the API client: they share one /readyz recovery checker.
         self._services = Informer("services", list_services, self._apply_service_changes,
                                   label_selector=self.label_selector, config=informer_config,
-                                  clock=clock)
+                                  clock=clock, api_client=self._api_client)
         self._endpoints = Informer("endpointslices", self._endpoint_source,
                                    self._apply_endpoint_changes, config=informer_config,
-                                   clock=clock)
+                                   clock=clock, api_client=self._api_client)
         self._closed = False
         self._selector_matched: bool | None = None
         self._liveness.start()

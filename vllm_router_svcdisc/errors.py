@@ -1,7 +1,26 @@
-"""Errors from the API server, reduced to what health checks and logs need.
+"""The package's exception tree, and errors from the API server reduced to what health checks
+and logs need.
 
-Messages are built from the status code and the ``Status`` body's message only: never from
-request headers, so a bearer token cannot leak into a log line or a health reason.
+:class:`SvcDiscError` is the base of every public exception the package raises: ``except
+SvcDiscError`` catches them all.  Each one also keeps the built-in base it always had
+(``ValueError``, ``RuntimeError``), so existing ``except`` clauses keep working, and each stays
+importable from the module that documents it:
+
+- ``ApiError`` (here): a failed Kubernetes API call;
+- ``vllm_router_svcdisc.discovery.DiscoveryConfigError`` (also a ``RuntimeError``): no usable
+  Kubernetes configuration;
+- ``vllm_router_svcdisc.http.EngineCallError``: an engine call (probe, scrape) failed;
+- ``vllm_router_svcdisc.k8s_objects.ObjectError`` (also a ``ValueError``): an object too broken
+  to use;
+- ``vllm_router_svcdisc.vllm_metrics.MetricsParseError`` (also a ``ValueError``): not a usable
+  metrics page;
+- ``vllm_router_svcdisc.prodstack.HostShapeError`` (also a ``RuntimeError``): production-stack
+  missing or shaped differently;
+- ``vllm_router_svcdisc.sim.selectors.SelectorError`` (also a ``ValueError``): a selector the
+  (simulated) API server rejects.
+
+API error messages are built from the status code and the ``Status`` body's message only: never
+from request headers, so a bearer token cannot leak into a log line or a health reason.
 """
 
 from __future__ import annotations
@@ -10,7 +29,11 @@ import json
 from typing import Any
 
 
-class ApiError(Exception):
+class SvcDiscError(Exception):
+    """Base class of every public exception of vllm_router_svcdisc."""
+
+
+class ApiError(SvcDiscError):
     """A failed API call: ``status`` 0 means the server could not be reached.
 
     ``cause`` is the first ``details.causes[].reason`` of the Status body, e.g.

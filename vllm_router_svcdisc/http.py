@@ -27,9 +27,10 @@ from urllib3.exceptions import (
 
 from .clock import SYSTEM_CLOCK
 from .deadline import DeadlinePoolManager, RequestScope, deadline_scope
+from .errors import SvcDiscError
 
 
-class EngineCallError(Exception):
+class EngineCallError(SvcDiscError):
     """An engine call failed: the one exception of the prober's and the scraper's requests.
 
     ``reason`` is for people (never a credential or a body); ``cause`` a short fixed word for

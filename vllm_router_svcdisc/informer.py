@@ -11,6 +11,9 @@ exponentially (client-go's 0.8 s doubling to 30 s) until it answers 200 again; a
 answered but whose stream did not last (a proxy ending watches at once, in-stream errors) is
 retried about once a second, never faster, and never after an exponent grown during a storm.
 Real progress (a LIST, an event, a bookmark) resets both and stops the health error clock.
+A backoff wait longer than a second is cut short the moment the API server is seen back: the
+informers of one API client share a :class:`~.recovery.RecoveryChecker` that polls ``/readyz``
+about once a second while any of them waits.
 
 Why not ``kubernetes.watch.Watch.stream``: its behaviour differs between client releases 35, 36
 and 37 (``stop()`` not interrupting a read on 35, a crash deserialising ``endpoints: null``,
@@ -35,9 +38,11 @@ from typing import Any
 
 import urllib3
 
+from . import recovery
 from .backoff import Backoff, BackoffPolicy
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ApiError, describe_api_error
+from .recovery import RecoveryChecker
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +161,10 @@ class InformerStatus:
     silent_watches: int = 0
     events_by_type: dict[str, int] = field(default_factory=dict)
     malformed_events: int = 0
+    #: backoff waits cut short because the API server answered its ``/readyz`` again
+    recovery_wakeups: int = 0
+    #: ``/readyz`` checks made by the recovery checker this informer shares (per API client)
+    recovery_checks: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,10 @@ class InformerConfig:
     must exceed the server's bookmark period (about a minute) by a margin.
     ``short_watch_retry``: the longest wait after a watch that ended at once with nothing.
     ``list_page_size``: LIST pages of this many objects, as client-go's pager.
+    ``recovery_check_interval``: while a backoff wait longer than this runs, ``/readyz`` is
+    checked this often (one checker per API client, shared by its informers) and the first
+    success after a failure ends the wait; 0 turns recovery detection off (plain backoff).
+    ``recovery_check_timeout``: connect and read timeout of one check.
     """
 
     watch_timeout_range: tuple[int, int] = (300, 600)
@@ -179,6 +192,8 @@ class InformerConfig:
     watch_liveness_timeout: float = 120.0
     short_watch_retry: float = 1.0
     list_page_size: int = 500
+    recovery_check_interval: float = 1.0
+    recovery_check_timeout: float = 1.0
 
 
 class Informer:
@@ -187,6 +202,10 @@ class Informer:
     ``list_func`` is an official client function already bound to its namespace (e.g.
     ``functools.partial(CoreV1Api.list_namespaced_service, namespace="default")``); it is
     called with ``watch``/``resource_version``/``_preload_content=False`` like any caller would.
+
+    ``api_client`` (the one ``list_func`` uses) enables recovery detection: the informers of
+    one API client share a ``/readyz`` checker (``InformerConfig.recovery_check_interval``).
+    ``recovery`` gives a checker explicitly instead (tests).
     """
 
     def __init__(
@@ -198,6 +217,8 @@ class Informer:
         label_selector: str | None = None,
         config: InformerConfig | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        api_client: Any = None,
+        recovery: RecoveryChecker | None = None,
     ) -> None:
         self.resource = resource
         self.config = cfg = config or InformerConfig()
@@ -214,6 +235,9 @@ class Informer:
                           reset_after=cfg.backoff_reset_after), clock=clock)
         self._known: dict[str, str] = {}  # key -> resourceVersion of what the handler has seen
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop, or by the recovery checker
+        self._recovery = recovery
+        self._recovery_client = None if recovery is not None else api_client
         self._synced = threading.Event()
         self._lock = threading.Lock()  # guards _status, _response and _watch_opened
         self._status = InformerStatus(resource=resource)
@@ -235,6 +259,11 @@ class Informer:
         """Start the background thread (once)."""
         if self._thread is not None:
             raise RuntimeError(f"informer for {self.resource} already started")
+        cfg = self.config
+        if self._recovery_client is not None and cfg.recovery_check_interval > 0:
+            self._recovery = recovery.acquire(
+                self._recovery_client, interval=cfg.recovery_check_interval,
+                timeout=cfg.recovery_check_timeout, clock=self._clock)
         self._thread = threading.Thread(
             target=self.run, name=f"svcdisc-informer-{self.resource}", daemon=True
         )
@@ -244,6 +273,7 @@ class Informer:
     def signal_stop(self) -> None:
         """Ask the thread to end and unblock its read, without waiting for it."""
         self._stop.set()
+        self._wake.set()
         self._abort_response()
 
     def stop(self, timeout: float = 2.0) -> bool:
@@ -251,12 +281,16 @@ class Informer:
 
         Returns True when the thread has ended within ``timeout``.
         """
+        deadline = time.monotonic() + timeout
         self.signal_stop()
         thread = self._thread
-        if thread is None or thread is threading.current_thread():
-            return True
-        thread.join(timeout)
-        return not thread.is_alive()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        checker, client = self._recovery, self._recovery_client
+        if checker is not None and client is not None:
+            self._recovery_client = None  # released once; the last user joins its thread
+            recovery.release(client, checker, timeout=max(0.1, deadline - time.monotonic()))
+        return thread is None or thread is threading.current_thread() or not thread.is_alive()
 
     def has_synced(self) -> bool:
         """True once the first LIST has been handed to the handler."""
@@ -294,6 +328,8 @@ class Informer:
             doubt = self._doubt_open_watch
         if opened is not None and not doubt and now - opened >= MIN_HEALTHY_WATCH_SECONDS:
             status.last_error = status.error_since = status.auth_error = None
+        if self._recovery is not None:
+            status.recovery_checks = self._recovery.checks
         return status
 
     # -- the loop ----------------------------------------------------------------------------
@@ -309,7 +345,7 @@ class Informer:
                 if result.outcome is Outcome.STOPPED or self._stop.is_set():
                     break
                 self._account(result)
-                self._clock.wait(self._stop, self._delay_after(result))
+                self._pause(result)
         except BaseException as exc:  # the thread must never die silently
             log.exception("informer %s stopped by an unexpected error", self.resource)
             self._record_error(f"informer thread crashed: {exc!r}")
@@ -337,6 +373,35 @@ class Informer:
             return self._short_watch_backoff.next()
         retry_after = result.error.retry_after if result.error is not None else None
         return self._error_backoff.next(retry_after)
+
+    def _pause(self, result: CycleResult) -> None:
+        """Wait before the next cycle; a long backoff ends early when the server is back.
+
+        Only the error backoff (the server unreachable or answering errors) is cut short, and
+        only when it is longer than one check period.  Retry-After is still honoured: woken
+        early, the informer waits out what is left of it.
+        """
+        delay = self._delay_after(result)
+        checker = self._recovery
+        if (checker is None or result.outcome not in (Outcome.SERVER_ERROR, Outcome.UNREACHABLE)
+                or delay <= checker.interval):
+            self._clock.wait(self._stop, delay)
+            return
+        started = self._clock.monotonic()
+        self._wake.clear()
+        if self._stop.is_set():
+            return
+        with checker.waiting(self._wake, unreachable=result.outcome is Outcome.UNREACHABLE):
+            woken = self._clock.wait(self._wake, delay)
+        if not woken or self._stop.is_set():
+            return
+        with self._lock:
+            self._status.recovery_wakeups += 1
+        log.info("%s: API server answers again; retrying now instead of in %.1fs",
+                 self.resource, max(0.0, delay - (self._clock.monotonic() - started)))
+        retry_after = result.error.retry_after if result.error is not None else None
+        if retry_after:
+            self._clock.wait(self._stop, retry_after - (self._clock.monotonic() - started))
 
     def _account(self, result: CycleResult) -> None:
         """Counters, the health clock and logs for a finished cycle."""

@@ -11,10 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SvcDiscError
+
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
-class ObjectError(ValueError):
+class ObjectError(SvcDiscError, ValueError):
     """An object too broken to use (no name, no namespace)."""
 
 

@@ -71,7 +71,12 @@ class ProbeConfig:
 
 
 def parse_model_list(data: Any) -> dict[str, ModelInfo]:
-    """``{"object": "list", "data": [cards]}`` → models by id; a wrong shape is an error."""
+    """``{"object": "list", "data": [cards]}`` → models by id; a wrong shape is an error.
+
+    So is a list with no valid model card (``data`` of strings, cards without an ``id``, or
+    none at all): a vLLM engine always serves its model, so that answer is as wrong as invalid
+    JSON, and it is reported the same way (a WARNING naming the pod and its Services).
+    """
     cards = data.get("data") if isinstance(data, dict) else None
     if not isinstance(cards, list):
         raise EngineCallError("/v1/models answered an unexpected shape (no 'data' list)",
@@ -85,6 +90,10 @@ def parse_model_list(data: Any) -> dict[str, ModelInfo]:
         except ValueError:
             continue
         models[info.id] = info
+    if not models:
+        first = f", the first a {type(cards[0]).__name__}" if cards else ""
+        raise EngineCallError(f"/v1/models listed no valid model card ({len(cards)} entries"
+                              f"{first})", cause="answer")
     return models
 
 

@@ -43,6 +43,7 @@ from prometheus_client import REGISTRY
 
 from .compat import create_service_discovery, routing_for
 from .discovery import K8sServiceDiscovery
+from .errors import SvcDiscError
 from .scraper import EngineStatsScraper
 from .telemetry import DiscoveryCollector
 
@@ -63,7 +64,7 @@ APP_MODULE = "vllm_router.app"
 CLIENT_WRAPPER = "aiohttp_client_wrapper"  # app.state attribute (vllm_router/app.py)
 
 
-class HostShapeError(RuntimeError):
+class HostShapeError(SvcDiscError, RuntimeError):
     """production-stack is missing, or not shaped the way this entry point expects."""
 
 

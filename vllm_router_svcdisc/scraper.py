@@ -462,15 +462,17 @@ class EngineStatsScraper:
         with self._lock:
             if self._stop.is_set() or self._pods.get(url) is not pod:
                 return GONE  # the pod left the endpoints meanwhile: its late answer is dropped
+            recovered = sample is not None and pod.last_error is not None
             if sample is not None:
                 self._readings[url] = pod_stats(sample, pod.previous, now)
                 pod.previous = sample
-                if pod.last_error is not None:
-                    log.info("scraping %s works again", url)
-            elif error != pod.last_error:
-                log.warning("scraping %s failed (%s); backing off", url, error)
+            changed = sample is None and error != pod.last_error
             pod.last_error = error
             self._changed.update(pod.services)
+        if recovered:  # one line per change of the pod's state, naming the pod and Services
+            log.info("scraping %s works again", self._describe(url))
+        elif changed:
+            log.warning("scraping %s failed (%s); backing off", self._describe(url), error)
         book = self._health()
         if book is not None:
             if sample is not None:
@@ -480,6 +482,19 @@ class EngineStatsScraper:
             else:
                 book.failure(url, Failure.BAD_ANSWER, error or "unparseable /metrics", at=now)
         return Step(True) if sample is not None else FAILED
+
+    def _describe(self, url: str) -> str:
+        """``pod <name> (<url>) of <ns>/<svc>, ...`` from discovery's snapshot, for a log line."""
+        discovery = self.discovery
+        snapshot = discovery.get_snapshot() if discovery is not None else None
+        name, services = None, []
+        for view in snapshot.services.values() if snapshot is not None else ():
+            for endpoint in view.pods:
+                if isinstance(endpoint, PodEndpoint) and endpoint.url == url:
+                    name = name or endpoint.name
+                    services.append(view.key)
+                    break
+        return f"pod {name or url} ({url}) of {', '.join(sorted(services)) or 'no Service'}"
 
     def _fetch_sample(self, url: str) -> PodSample:
         def attempt() -> PodSample:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from vllm_router_svcdisc.errors import SvcDiscError
 from vllm_router_svcdisc.types import EngineStats
 
 __all__ = [
@@ -71,7 +72,7 @@ _ERROR_DETAIL_MAX = 120
 _LabelKey = frozenset[tuple[str, str]]
 
 
-class MetricsParseError(ValueError):
+class MetricsParseError(SvcDiscError, ValueError):
     """The page is not a usable vLLM metrics page (the message is short, never the body)."""
 
 

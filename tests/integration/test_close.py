@@ -47,3 +47,18 @@ def test_scraper_close_ends_a_scrape_blocked_on_a_black_hole(cluster, make_disco
     scraper.close()
     discovery.close()
     assert _library_threads() == []
+
+
+def test_discovery_close_ends_the_recovery_checker_during_an_outage(
+        cluster, make_discovery) -> None:
+    from tests.integration.test_recovery import RECOVERY, client
+
+    cluster.add_service("ok", replicas=1)
+    discovery = make_discovery(cluster, api_client=client(cluster), informer_config=RECOVERY)
+    assert discovery.wait_until_synced(5)
+    cluster.api.fail_for(60, 500)  # list, watch and /readyz: the informers wait in backoff
+    cluster.api.cut_watches()
+    wait_for(lambda: any(t.name == "svcdisc-recovery" for t in _library_threads()), 10.0,
+             "no recovery checker thread")
+    discovery.close()
+    assert _library_threads() == []

@@ -97,6 +97,11 @@ def test_a_pod_behind_two_services_is_probed_and_scraped_once_and_counts_in_both
         scraper.close()
 
 
+def probe_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            and "model probe" in r.getMessage()]
+
+
 def test_a_wrong_answer_is_a_warning_naming_service_and_pod_once(
         cluster: SimCluster, make_discovery: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="vllm_router_svcdisc")
@@ -111,8 +116,7 @@ def test_a_wrong_answer_is_a_warning_naming_service_and_pod_once(
              "the bad pod was not re-probed")
     wait_for(lambda: hole.engine.request_counts().get("/v1/models", 0) >= 2, 15.0,
              "the silent pod was not re-probed")
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                and "model probe" in r.getMessage()]
+    warnings = probe_warnings(caplog)
     assert len(warnings) == 1, warnings  # one per change of state, not one per probe
     assert "default/bad" in warnings[0] and bad.name in warnings[0]
     assert "invalid JSON" in warnings[0]
@@ -120,3 +124,26 @@ def test_a_wrong_answer_is_a_warning_naming_service_and_pod_once(
              and "model probe" in r.getMessage()]
     assert quiet and all(r.levelno == logging.INFO for r in quiet)  # no answer: quieter
     assert discovery.get_endpoint_info() == []
+
+
+def test_models_without_a_valid_model_card_is_a_warning_naming_service_and_pod_once(
+        cluster: SimCluster, make_discovery: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """``data`` a list of model names instead of cards: as wrong as invalid JSON, not INFO."""
+    caplog.set_level(logging.INFO, logger="vllm_router_svcdisc")
+    cluster.add_service("names", replicas=1)
+    (pod,) = cluster.pods("names")
+    pod.engine.mode = EngineMode.BAD_MODELS
+    discovery = make_discovery(cluster)
+    wait_for(lambda: pod.engine.request_counts().get("/v1/models", 0) >= 3, 15.0,
+             "the pod was not re-probed")
+    warnings = probe_warnings(caplog)
+    assert len(warnings) == 1, warnings  # one per change of state, not one per probe
+    assert "default/names" in warnings[0] and pod.name in warnings[0]
+    assert "no valid model card" in warnings[0]
+    assert discovery.get_endpoint_info() == []
+    view = discovery.get_service_status()["default/names"]
+    assert "no valid model card" in str(view.pod_probes[pod.engine.url].reason)
+    pod.engine.mode = EngineMode.OK  # fixed: routable again, said at INFO
+    wait_for(lambda: [e.url for e in discovery.get_endpoint_info()] == [cluster.url_of("names")],
+             15.0, lambda: state(discovery))
+    assert len(probe_warnings(caplog)) == 1

@@ -535,3 +535,28 @@ def test_a_new_pod_is_scraped_at_once_not_at_the_next_interval(
     assert added.engine.request_counts().get("/metrics") == 1
     url = cluster.url_of("vllm-new")
     assert _wait_service(scraper, url, lambda s: s.pods_scraped == 2).pods_failed == 0
+
+
+def test_an_unparseable_metrics_page_is_a_warning_naming_service_and_pod_once(
+        cluster: SimCluster, make_discovery: Any, make_scraper: MakeScraper,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vllm_router_svcdisc.scraper")
+    cluster.add_service("vllm-junk", replicas=1)
+    (pod,) = cluster.pods("vllm-junk")
+    pod.engine.mode = EngineMode.GARBAGE
+    make_scraper(_discovery(make_discovery, cluster))
+    wait_for(lambda: pod.engine.request_counts().get("/metrics", 0) >= 3, 10,
+             "the pod was not scraped again")
+
+    def scrape_lines(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == level and "scraping" in r.getMessage()]
+
+    warned = scrape_lines(logging.WARNING)
+    assert len(warned) == 1, warned  # once per change, not once per scrape
+    assert "default/vllm-junk" in warned[0] and pod.name in warned[0]
+    assert pod.engine.url in warned[0]
+    pod.engine.mode = EngineMode.OK
+    wait_for(lambda: scrape_lines(logging.INFO), 10, "recovery not logged")
+    assert "default/vllm-junk" in scrape_lines(logging.INFO)[0]
+    assert len(scrape_lines(logging.WARNING)) == 1

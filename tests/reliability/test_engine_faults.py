@@ -46,6 +46,14 @@ def metrics_requests(pod: SimPod) -> Callable[[], int]:
     return lambda: pod.engine.request_counts().get("/metrics", 0)
 
 
+def scrape_lines(harness: Harness, pod: SimPod, what: str,
+                 level: int = logging.INFO) -> list[logging.LogRecord]:
+    """The scraper's log lines about ``pod`` (named with its URL and Services) saying ``what``."""
+    url = pod_url(harness.cluster, pod)
+    return [r for r in harness.records(f"scraping pod {pod.name} ({url}) of default/", level)
+            if what in r.getMessage()]
+
+
 def assert_pod_fault_contained(harness: Harness, bad: SimPod,
                                attempts: Callable[[], int], *, ejected: bool = False) -> None:
     """Only ``bad``'s stats go; its failure is logged once over several retry cycles.
@@ -60,7 +68,7 @@ def assert_pod_fault_contained(harness: Harness, bad: SimPod,
     wait_for(lambda: attempts() >= first + MIN_RETRIES, 15,
              lambda: f"{url} retried only {attempts() - first} times")
     harness.wait_stats_exact(failing=[bad])
-    failures = harness.records(f"scraping {url} failed", logging.WARNING)
+    failures = scrape_lines(harness, bad, "failed", logging.WARNING)
     assert len(failures) == 1, [r.getMessage() for r in failures]
     ejections = harness.records(f"({url}) ejected", logging.WARNING)
     assert len(ejections) == int(ejected), [r.getMessage() for r in ejections]
@@ -68,8 +76,7 @@ def assert_pod_fault_contained(harness: Harness, bad: SimPod,
 
 def assert_pod_recovers(harness: Harness, bad: SimPod) -> None:
     harness.wait_exact()
-    url = pod_url(harness.cluster, bad)
-    assert len(harness.records(f"scraping {url} works again")) == 1
+    assert len(scrape_lines(harness, bad, "works again")) == 1
 
 
 def test_black_holed_engine_loses_only_its_own_stats(harness, cluster):
@@ -116,8 +123,7 @@ def test_metrics_body_of_50_mb_with_its_length_declared_is_refused_unread(harnes
     assert bad.engine.oversize_bytes == 50 * 1024 * 1024
     bad.engine.mode = EngineMode.OVERSIZE
     assert_pod_fault_contained(harness, bad, metrics_requests(bad))
-    url = pod_url(cluster, bad)
-    (record,) = harness.records(f"scraping {url} failed", logging.WARNING)
+    (record,) = scrape_lines(harness, bad, "failed", logging.WARNING)
     assert "byte cap" in record.getMessage()
     bad.engine.mode = EngineMode.OK
     assert_pod_recovers(harness, bad)
@@ -139,8 +145,7 @@ def test_metrics_body_of_50_mb_streamed_without_a_length_is_cut_at_the_cap(harne
 
     with replace_engine(bad, engine_like(bad, metrics=streamed)) as raw:
         assert_pod_fault_contained(harness, bad, lambda: raw.count("/metrics"))
-        url = pod_url(cluster, bad)
-        (record,) = harness.records(f"scraping {url} failed", logging.WARNING)
+        (record,) = scrape_lines(harness, bad, "failed", logging.WARNING)
         assert "byte cap" in record.getMessage()
     bad.engine.mode = EngineMode.OK
     assert_pod_recovers(harness, bad)
@@ -154,8 +159,7 @@ def test_metrics_redirect_to_another_host_is_not_followed(harness, cluster):
         moved = redirect.replace(b"127.0.0.2:1", f"127.0.0.2:{elsewhere.port}".encode())
         with replace_engine(bad, engine_like(bad, metrics=lambda: moved)) as raw:
             assert_pod_fault_contained(harness, bad, lambda: raw.count("/metrics"))
-            url = pod_url(cluster, bad)
-            (record,) = harness.records(f"scraping {url} failed", logging.WARNING)
+            (record,) = scrape_lines(harness, bad, "failed", logging.WARNING)
             assert "redirect" in record.getMessage()
         assert elsewhere.connections == 0, "a redirect was followed"
     bad.engine.mode = EngineMode.OK
@@ -225,12 +229,11 @@ def test_models_answering_the_wrong_shape_makes_only_that_service_unroutable(
     harness.finish()
 
 
-def test_models_listing_only_cards_without_ids_serve_no_models(harness, cluster):
+def test_models_listing_no_valid_card_is_a_wrong_answer(harness, cluster):
     (bad,) = cluster.pods("vllm-b")
     cards = http_response("200 OK", b'{"object": "list", "data": [{"id": 7}, {}, "x", null]}')
     with replace_engine(bad, engine_like(bad, models=lambda: cards)):
-        assert_service_fault_contained(harness, "default/vllm-b", "serve no models",
-                                       probes=1, failing=False)
+        assert_service_fault_contained(harness, "default/vllm-b", "no valid model card")
     bad.engine.mode = EngineMode.OK
     harness.wait_exact()
     harness.finish()

@@ -870,3 +870,110 @@ def test_watch_faults_are_validated(server: FakeApiServer) -> None:
         server.fail_next(1, how="bogus")
     with pytest.raises(ValueError):
         server.fail_next(1, how="empty", verb="list")
+
+
+# --- health paths (/readyz, /livez, /healthz, /version) ------------------------------------------
+
+
+def get_path(api: client.ApiClient, path: str) -> tuple[int, str]:
+    """GET a non-resource path through the stock client, as kubectl get --raw does.
+
+    kubernetes 37 splits the call into param_serialize + call_api; 35/36 take the path.
+    Non-2xx answers raise ApiException in both.
+    """
+    if hasattr(api, "param_serialize"):
+        method, url, headers, _, _ = api.param_serialize("GET", path,
+                                                         auth_settings=["BearerToken"])
+        response = api.call_api(method, url, header_params=headers, _request_timeout=(2, 2))
+        data = response.read()
+        if not 200 <= response.status < 300:
+            error = ApiException(status=response.status, reason=response.reason)
+            error.body, error.headers = data, response.headers
+            raise error
+        return response.status, data.decode()
+    response = api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False,
+                            _return_http_data_only=True, _request_timeout=(2, 2))
+    return response.status, response.data.decode()
+
+
+@pytest.mark.parametrize("path", ["/readyz", "/livez", "/healthz"])
+def test_health_paths_answer_ok_to_every_client(path: str) -> None:
+    # RBAC that denies every resource verb: the health paths stay readable
+    with FakeApiServer(allowed_verbs=frozenset()) as srv:
+        assert get_path(srv.api_client(), path) == (200, "ok")
+        assert srv.request_counts()[("get", path.strip("/"))] == 1
+
+
+def test_version_answers_the_version_object(server: FakeApiServer) -> None:
+    info = client.VersionApi(server.api_client()).get_code()
+    assert (info.major, info.minor) == ("1", "33") and info.git_version.startswith("v1.33")
+
+
+@pytest.mark.parametrize("status", [500, 403])
+def test_readyz_takes_a_fault_for_every_resource_and_recovers(
+    server: FakeApiServer, core: client.CoreV1Api, status: int
+) -> None:
+    api = server.api_client()
+    server.fail_for(30, status)
+    with pytest.raises(ApiException) as failed:
+        get_path(api, "/readyz")
+    assert failed.value.status == status
+    body = json.loads(failed.value.body)
+    assert (body["kind"], body["code"]) == ("Status", status)
+    with pytest.raises(ApiException):  # the same switch fails list/watch
+        core.list_namespaced_service("default")
+    server.clear_faults()
+    assert get_path(api, "/readyz") == (200, "ok")
+
+
+def test_readyz_429_carries_retry_after(server: FakeApiServer) -> None:
+    # urllib3 inside the stock client retries a 429 with Retry-After by itself: 0 s here
+    server.fail_for(30, 429, retry_after=0)
+    with pytest.raises(ApiException) as limited:
+        get_path(server.api_client(), "/readyz")
+    assert limited.value.status == 429 and limited.value.headers["Retry-After"] == "0"
+    assert json.loads(limited.value.body)["reason"] == "TooManyRequests"
+
+
+def test_readyz_alone_can_be_failed_forbidden_or_absent(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    api = server.api_client()
+    server.fail_next(1, 403, resource="readyz")
+    with pytest.raises(ApiException) as denied:
+        get_path(api, "/readyz")
+    assert denied.value.status == 403
+    assert 'cannot get path "/readyz"' in json.loads(denied.value.body)["message"]
+    assert get_path(api, "/readyz") == (200, "ok")
+    server.disable_resource("readyz")
+    with pytest.raises(ApiException) as missing:
+        get_path(api, "/readyz")
+    assert missing.value.status == 404
+    assert get_path(api, "/livez") == (200, "ok")
+    assert core.list_namespaced_service("default").items == []  # list/watch unaffected
+    server.enable_resource("readyz")
+    assert get_path(api, "/readyz") == (200, "ok")
+
+
+def test_counted_faults_without_a_resource_leave_readyz_alone(
+    server: FakeApiServer, core: client.CoreV1Api
+) -> None:
+    server.fail_next(1, 500)
+    assert get_path(server.api_client(), "/readyz") == (200, "ok")
+    with pytest.raises(ApiException):  # the fault is still there for the next API request
+        core.list_namespaced_service("default")
+
+
+def test_readyz_of_a_stopped_server_is_unreachable_then_back_after_start() -> None:
+    srv = FakeApiServer().start()
+    api = srv.api_client()
+    api.configuration.retries = 0
+    assert get_path(api, "/readyz") == (200, "ok")
+    srv.stop()
+    with pytest.raises(urllib3.exceptions.HTTPError):
+        get_path(api, "/readyz")
+    srv.start()
+    try:
+        assert get_path(api, "/readyz") == (200, "ok")
+    finally:
+        srv.stop()

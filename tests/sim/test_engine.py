@@ -306,6 +306,19 @@ def test_garbage(engine: FakeEngine) -> None:
         json.loads(r.content)
 
 
+def test_bad_models_lists_model_names_instead_of_cards(engine: FakeEngine) -> None:
+    engine.mode = EngineMode.BAD_MODELS
+    r = requests.get(engine.url + "/v1/models", timeout=5)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list" and body["data"][0] == engine.model
+    assert all(isinstance(entry, str) for entry in body["data"])  # names, not cards
+    assert requests.get(engine.url + "/metrics", timeout=5).status_code == 200
+    engine.mode = EngineMode.OK
+    assert requests.get(engine.url + "/v1/models", timeout=5).json()["data"][0]["id"] == (
+        engine.model)
+
+
 def test_error500(engine: FakeEngine) -> None:
     engine.mode = EngineMode.ERROR500
     assert requests.get(engine.url + "/metrics", timeout=5).status_code == 500

@@ -94,3 +94,17 @@ def test_system_clock_wait_returns_when_stopped() -> None:
     stop.set()
     assert SYSTEM_CLOCK.wait(stop, 60.0) is True
     assert SYSTEM_CLOCK.monotonic() > 0
+
+
+def test_fake_clock_timers_fire_during_a_wait_and_setting_the_event_ends_it() -> None:
+    clock = FakeClock(start=0.0)
+    woken = threading.Event()
+    fired: list[float] = []
+    clock.call_at(3.0, lambda: fired.append(clock.monotonic()))
+    clock.call_at(5.0, woken.set)
+    clock.call_at(50.0, lambda: fired.append(clock.monotonic()))
+    assert clock.wait(woken, 30.0) is True  # ended by the timer at 5, as a set() would
+    assert clock.monotonic() == 5.0 and fired == [3.0]
+    woken.clear()
+    clock.advance(100.0)  # advance runs due timers too
+    assert fired == [3.0, 50.0] and clock.monotonic() == 105.0

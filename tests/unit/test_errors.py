@@ -65,3 +65,60 @@ def test_other_exceptions_are_described_by_type_and_first_line() -> None:
 def test_an_api_error_passes_through_unchanged() -> None:
     error = ApiError(404, "not found")
     assert ApiError.from_exception(error) is error
+
+
+# --- one exception tree ---------------------------------------------------------------------
+
+
+def _public_exception_classes() -> list[type[BaseException]]:
+    """Every public exception class defined anywhere in the package (``__main__`` aside)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import vllm_router_svcdisc
+
+    found: list[type[BaseException]] = []
+    for info in pkgutil.walk_packages(vllm_router_svcdisc.__path__, "vllm_router_svcdisc."):
+        if info.name.rsplit(".", 1)[-1] == "__main__":
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException)
+                    and obj.__module__ == info.name and not name.startswith("_")):
+                found.append(obj)
+    return found
+
+
+def test_every_public_exception_derives_from_the_package_base() -> None:
+    from vllm_router_svcdisc import SvcDiscError
+
+    classes = _public_exception_classes()
+    names = {cls.__name__ for cls in classes}
+    # the ones documented today, so the walk itself cannot silently find nothing
+    assert {"ApiError", "DiscoveryConfigError", "EngineCallError", "ObjectError",
+            "MetricsParseError", "HostShapeError", "SelectorError", "SvcDiscError"} <= names
+    outside = [f"{cls.__module__}.{cls.__qualname__}" for cls in classes
+               if not issubclass(cls, SvcDiscError)]
+    assert outside == [], f"public exceptions outside the SvcDiscError tree: {outside}"
+
+
+def test_documented_names_keep_their_modules_and_built_in_bases() -> None:
+    from vllm_router_svcdisc.discovery import DiscoveryConfigError
+    from vllm_router_svcdisc.errors import SvcDiscError
+    from vllm_router_svcdisc.http import EngineCallError
+    from vllm_router_svcdisc.k8s_objects import ObjectError
+    from vllm_router_svcdisc.prodstack import HostShapeError
+    from vllm_router_svcdisc.sim.selectors import SelectorError
+    from vllm_router_svcdisc.vllm_metrics import MetricsParseError
+
+    assert issubclass(DiscoveryConfigError, RuntimeError)
+    assert issubclass(HostShapeError, RuntimeError)
+    assert issubclass(ObjectError, ValueError)
+    assert issubclass(MetricsParseError, ValueError)
+    assert issubclass(SelectorError, ValueError)
+    assert issubclass(ApiError, SvcDiscError) and issubclass(EngineCallError, SvcDiscError)
+    try:
+        raise DiscoveryConfigError("no configuration")
+    except SvcDiscError as caught:  # one except clause for the whole package
+        assert str(caught) == "no configuration"

@@ -13,7 +13,8 @@ def test_the_contract_names_import_from_the_package_root() -> None:
     )
 
     assert sorted(vllm_router_svcdisc.__all__) == [
-        "EndpointInfo", "EngineStats", "EngineStatsScraper", "K8sServiceDiscovery", "ModelInfo"]
+        "EndpointInfo", "EngineStats", "EngineStatsScraper", "K8sServiceDiscovery", "ModelInfo",
+        "SvcDiscError"]
 
 
 def test_the_readme_example_names_resolve() -> None:

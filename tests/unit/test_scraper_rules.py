@@ -33,7 +33,7 @@ class Scripted(EngineStatsScraper):
     None for a pod that does not answer."""
 
     def __init__(self, clock: FakeClock, **kwargs: Any) -> None:
-        view = types.SimpleNamespace(url=SERVICE, pods=(ALIVE, SILENT), ejected={})
+        view = types.SimpleNamespace(key="ns/svc", url=SERVICE, pods=(ALIVE, SILENT), ejected={})
         snapshot = types.SimpleNamespace(services={"ns/svc": view})
         discovery = types.SimpleNamespace(get_snapshot=lambda: snapshot, routing="service")
         self.answers: dict[str, float | None] = {ALIVE.url: 1.0, SILENT.url: 7.0}

@@ -3,7 +3,9 @@
 Why: discovery code must be tested against the real client's wire behaviour (chunked watch
 streams, 410 Expired, bookmarks, RBAC denials, dropped connections, paged LISTs, and the ways
 real API servers and the proxies in front of them break watches) without a cluster.
-Stdlib only; serves services, endpoints, endpointslices and pods on loopback HTTP.
+Stdlib only; serves services, endpoints, endpointslices and pods on loopback HTTP, and the
+health paths ``/readyz``, ``/livez``, ``/healthz`` and ``/version`` (answered to every client, as
+``system:public-info-viewer`` does), subject to the same fault switches as list/watch.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from vllm_router_svcdisc.sim.selectors import (
     parse_label_selector,
 )
 
-__all__ = ["RESOURCES", "FakeApiServer", "ResourceType", "parse_go_bool", "status_body"]
+__all__ = ["HEALTH_PATHS", "RESOURCES", "FakeApiServer", "ResourceType", "parse_go_bool",
+           "status_body"]
 
 Obj = dict[str, Any]
 _Entries = list[tuple[tuple[str, str], Obj]]  # (namespace, name) -> object, sorted by key
@@ -109,6 +112,17 @@ RESOURCES: dict[str, ResourceType] = {
     "endpoints": ResourceType("endpoints", "Endpoints", "", "v1"),
     "endpointslices": ResourceType("endpointslices", "EndpointSlice", "discovery.k8s.io", "v1"),
     "pods": ResourceType("pods", "Pod", "", "v1"),
+}
+
+
+#: Health paths served beside the resources; in faults and counts their "resource" is the name
+#: (``fail_for(5, 500, resource="readyz")``, ``request_counts()[("get", "readyz")]``).
+HEALTH_PATHS = ("readyz", "livez", "healthz", "version")
+#: What ``/version`` answers (a real server's shape).
+VERSION_INFO: dict[str, str] = {
+    "major": "1", "minor": "33", "gitVersion": "v1.33.0-sim", "gitCommit": "0" * 40,
+    "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24.0",
+    "compiler": "gc", "platform": "linux/amd64",
 }
 
 
@@ -325,6 +339,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_text(self, code: int, text: str) -> None:
+        """A complete plain-text response (what ``/readyz`` and ``/livez`` answer)."""
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
@@ -684,7 +707,7 @@ class FakeApiServer:
             if verb not in (None, "watch"):
                 raise ValueError(f"how={how!r} only applies to watch requests")
             verb = "watch"
-        if resource is not None:
+        if resource is not None and resource not in HEALTH_PATHS:
             _rtype(resource)
         return _Fault(status, retry_after, verb, resource, how=how, cause=cause)
 
@@ -723,8 +746,9 @@ class FakeApiServer:
             self._cond.notify_all()
 
     def disable_resource(self, resource: str) -> None:
-        """Make the resource answer 404, like a cluster that does not serve it."""
-        _rtype(resource)
+        """Make the resource (or health path) answer 404, like a cluster that does not serve it."""
+        if resource not in HEALTH_PATHS:
+            _rtype(resource)
         with self._cond:
             self._disabled.add(resource)
 
@@ -756,6 +780,10 @@ class FakeApiServer:
         """Route, count, apply disablement / faults / RBAC, then serve GET, LIST or WATCH."""
         url = urlsplit(handler.path)
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        health = url.path.strip("/").split("/")[0]
+        if health in HEALTH_PATHS and url.path.rstrip("/") == f"/{health}":
+            self._serve_health(handler, health)
+            return
         route = _parse_route(url.path)
         if route is None:
             handler.send_json(404, status_body(404, _NOT_SERVED))
@@ -773,6 +801,50 @@ class FakeApiServer:
             self._serve_get(handler, route)
         else:
             self._serve_collection(handler, verb, route, query)
+
+    def _serve_health(self, handler: _Handler, path: str) -> None:
+        """``/readyz`` etc.: "ok" (``/version``: its JSON), or the active fault's answer.
+
+        Counted as ("get", path).  Faults that apply: ``fail_for`` for every resource
+        (``resource=None``: the server is sick for that long), and ``fail_next``/``fail_for``
+        naming this path; ``fail_next(n)`` without a resource counts list/watch requests only,
+        so a test's "the next n requests" stays deterministic.  ``disable_resource(path)``
+        makes it 404.  RBAC (``allowed_verbs``) does not apply: the real server lets every
+        client read these through ``system:public-info-viewer``.
+        """
+        with self._cond:
+            key = ("get", path)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            disabled = path in self._disabled
+            fault = None if disabled else self._take_health_fault(path)
+        if disabled:
+            handler.send_text(404, "404 page not found\n")
+            return
+        if fault is not None:
+            if fault.status == 403:
+                message = f'forbidden: User "{_USER}" cannot get path "/{path}"'
+            else:
+                message = _DEFAULT_MESSAGES.get(fault.status, f"injected fault {fault.status}")
+            headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+            handler.send_json(fault.status, status_body(fault.status, message), headers)
+            return
+        if path == "version":
+            handler.send_json(200, dict(VERSION_INFO))
+        else:
+            handler.send_text(200, "ok")
+
+    def _take_health_fault(self, path: str) -> _Fault | None:
+        """The active fault a health path answers with. Caller holds _cond."""
+        now = time.monotonic()
+        self._faults = [f for f in self._faults if f.active(now)]
+        for fault in self._faults:
+            if fault.verb not in (None, "get") or fault.how != "status":
+                continue
+            if fault.resource == path or (fault.resource is None and fault.remaining is None):
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                return fault
+        return None
 
     def _admit(self, verb: str, route: _Route) -> _Fault | None:
         """Count the request and decide whether it is refused, and how."""

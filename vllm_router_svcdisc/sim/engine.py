@@ -72,6 +72,8 @@ class EngineMode(enum.StrEnum):
     SLOW_METRICS = "slow_metrics"  # a long prefill blocks the event loop: GETs of
     #                    ``slow_paths`` (/metrics) answer after ``slow_delay`` s or when the
     #                    mode ends, whichever is first; completions are served as usual
+    BAD_MODELS = "bad-models"  # /v1/models: 200, valid JSON, but ``data`` is a list of model
+    #                            names (strings), not model cards; everything else as OK
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -389,7 +391,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, _GARBAGE_JSON)
                 return
             if path == "/v1/models" and self.command in ("GET", "HEAD"):
-                self._send_json(200, engine.models_payload())
+                payload = engine.models_payload()
+                if mode is EngineMode.BAD_MODELS:
+                    payload["data"] = [card["id"] for card in payload["data"]]
+                self._send_json(200, payload)
                 return
             if path in ("/v1/completions", "/v1/chat/completions") and self.command == "POST":
                 started = time.monotonic()

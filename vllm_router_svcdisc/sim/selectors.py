@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_router_svcdisc.errors import SvcDiscError
+
 __all__ = [
     "FieldSelector",
     "LabelSelector",
@@ -28,7 +30,7 @@ _EQUALITY_OPS = ("=", "==", "!=")
 _FIELDS = ("metadata.name", "metadata.namespace")
 
 
-class SelectorError(ValueError):
+class SelectorError(SvcDiscError, ValueError):
     """A selector string that the real API server would reject with 400 BadRequest."""
 
 
