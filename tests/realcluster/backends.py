@@ -24,7 +24,13 @@ import yaml
 from kubernetes.client import CoreV1Api, DiscoveryV1Api, RbacAuthorizationV1Api
 
 from tests.realcluster.controlplane import POD_CIDR, REPO, ControlPlane
-from vllm_router_svcdisc.sim.cluster import DEFAULT_MODEL, ENGINE_PORT, SimCluster, SimPod
+from vllm_router_svcdisc.sim.cluster import (
+    DEFAULT_MODEL,
+    ENGINE_PORT,
+    EngineFactory,
+    SimCluster,
+    SimPod,
+)
 from vllm_router_svcdisc.sim.dns import ServiceDNS
 from vllm_router_svcdisc.sim.engine import FakeEngine
 
@@ -297,10 +303,15 @@ class RealBackend:
 
     name = "real"
 
-    def __init__(self, plane: ControlPlane, namespace: str, dns: ServiceDNS) -> None:
+    def __init__(self, plane: ControlPlane, namespace: str, dns: ServiceDNS, *,
+                 engine_factory: EngineFactory = FakeEngine,
+                 engine_port: int = ENGINE_PORT) -> None:
         self.plane = plane
         self.namespace = namespace
         self.dns = dns
+        #: how pods' engines are made (``SimCluster``'s ``engine_factory``: e.g. an engine farm)
+        self.engine_factory = engine_factory
+        self.engine_port = engine_port
         self.admin = plane.client()
         self.core = CoreV1Api(self.admin)
         self._services: dict[str, RealService] = {}
@@ -341,7 +352,8 @@ class RealBackend:
         chosen = dict(selector or {"app": name, "model": DEFAULT_MODEL.replace("/", "-")[:63]})
         spec: dict[str, Any] = {
             "selector": chosen,
-            "ports": [{"name": "http", "port": 80, "targetPort": ENGINE_PORT, "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": 80, "targetPort": self.engine_port,
+                       "protocol": "TCP"}],
             "publishNotReadyAddresses": publish_not_ready,
         }
         if headless:
@@ -372,7 +384,7 @@ class RealBackend:
         # a JSON patch replaces the list (a strategic merge would merge ports by number)
         self.core.patch_namespaced_service(name, self.namespace, [{
             "op": "replace", "path": "/spec/ports", "value": [
-                {"name": n, "port": p, "targetPort": ENGINE_PORT, "protocol": "TCP"}
+                {"name": n, "port": p, "targetPort": self.engine_port, "protocol": "TCP"}
                 for n, p in ports]}])
         with self._lock:
             self._services[name].port = ports[0][1]
@@ -388,7 +400,7 @@ class RealBackend:
 
     def url_of(self, service: str) -> str:
         s = self._services[service]
-        port = ENGINE_PORT if s.headless else s.port
+        port = self.engine_port if s.headless else s.port
         return f"http://{service}.{self.namespace}.svc.{CLUSTER_DOMAIN}:{port}"
 
     # -- pods --------------------------------------------------------------------------------------
@@ -411,7 +423,7 @@ class RealBackend:
             self._next[service] = index + 1
         name = f"{service}-{index}"
         ip = next_pod_ip()
-        engine = FakeEngine(ip, ENGINE_PORT, model=DEFAULT_MODEL).start()
+        engine = self.engine_factory(ip, self.engine_port, model=DEFAULT_MODEL).start()
         pod = RealPod(name, ip, dict(s.selector), service, engine, ready=ready)
         self.core.create_namespaced_pod(self.namespace, {
             "metadata": {"name": name, "labels": pod.labels},
@@ -420,7 +432,8 @@ class RealBackend:
                 "automountServiceAccountToken": False,
                 "terminationGracePeriodSeconds": 30,
                 "containers": [{"name": "vllm", "image": "vllm/vllm-openai:fake",
-                                "ports": [{"name": "http", "containerPort": ENGINE_PORT}]}],
+                                "ports": [{"name": "http",
+                                           "containerPort": self.engine_port}]}],
             },
         })
         with self._lock:
