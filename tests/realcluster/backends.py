@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
+import secrets
+import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
+from unittest import mock
 
 import kubernetes.client
 import yaml
 from kubernetes.client import CoreV1Api, DiscoveryV1Api, RbacAuthorizationV1Api
+from kubernetes.config import incluster_config
 
-from tests.realcluster.controlplane import POD_CIDR, REPO, ControlPlane
+from tests.realcluster.controlplane import APISERVER_PORT, HOST, POD_CIDR, REPO, ControlPlane
+from vllm_router_svcdisc.discovery import load_api_client
 from vllm_router_svcdisc.sim.cluster import (
     DEFAULT_MODEL,
     ENGINE_PORT,
@@ -84,6 +93,48 @@ class Backend(Protocol):
     def restore_access(self) -> None: ...
 
     def expire_history(self) -> None: ...
+
+    def in_cluster_client(self, token_file: Path) -> Any: ...
+
+    def issue_token(self) -> str: ...
+
+    def revoke_token(self, token: str) -> None: ...
+
+    def token_accepted(self, token: str) -> bool: ...
+
+
+_in_cluster_lock = threading.Lock()
+
+
+def in_cluster_client(host: str, port: int, token_file: Path, ca_file: Path) -> Any:
+    """``load_api_client()`` as a router's pod runs it (in-cluster config: the environment's
+    ``KUBERNETES_SERVICE_HOST``/``PORT``, the mounted token and CA), with the mount's files at
+    ``token_file`` and ``ca_file``: the client's in-cluster loader reads its module constants
+    at call time."""
+    with _in_cluster_lock, \
+            mock.patch.multiple(incluster_config, SERVICE_TOKEN_FILENAME=str(token_file),
+                                SERVICE_CERT_FILENAME=str(ca_file)), \
+            mock.patch.dict(os.environ, {"KUBERNETES_SERVICE_HOST": host,
+                                         "KUBERNETES_SERVICE_PORT": str(port)}):
+        return load_api_client()
+
+
+def write_token(path: Path, token: str) -> None:
+    """Replace the token file as the kubelet does: a new file renamed over the old."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    tmp.write_text(token)
+    os.replace(tmp, path)
+
+
+def token_accepted(url: str, token: str, context: ssl.SSLContext | None = None) -> bool:
+    """Whether the API server at ``url`` authenticates ``token`` (any answer but 401)."""
+    request = urllib.request.Request(f"{url}/version",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 401
 
 
 # --- the simulator --------------------------------------------------------------------------------
@@ -168,6 +219,30 @@ class SimBackend:
                                                    "namespace": self.namespace}})
         self.cluster.api.compact()
         self.cluster.api.restart()
+
+    def in_cluster_client(self, token_file: Path) -> Any:
+        """The in-cluster client; the simulator serves plain HTTP, so the CA file is a
+        placeholder and the client's ``https://`` host is turned into the simulator's URL."""
+        ca_file = token_file.with_name("ca.crt")
+        ca_file.write_text("the simulator serves plain HTTP\n")
+        client = in_cluster_client("127.0.0.1", self.cluster.api.port, token_file, ca_file)
+        client.configuration.host = self.cluster.api.url
+        return client
+
+    def issue_token(self) -> str:
+        """A new token the simulator accepts (from now on it checks bearer tokens)."""
+        token = secrets.token_urlsafe(24)
+        if self.cluster.api.accepted_tokens is None:
+            self.cluster.api.accepted_tokens = set()
+        self.cluster.api.accepted_tokens.add(token)
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        assert self.cluster.api.accepted_tokens is not None
+        self.cluster.api.accepted_tokens.discard(token)
+
+    def token_accepted(self, token: str) -> bool:
+        return token_accepted(self.cluster.api.url, token)
 
 
 # --- the real control plane -----------------------------------------------------------------------
@@ -319,6 +394,8 @@ class RealBackend:
         self._next: dict[str, int] = {}
         self._lock = threading.RLock()
         self._clients: list[Any] = [self.admin]
+        self._token_names = itertools.count(1)
+        self._token_secrets: dict[str, str] = {}
         ensure_node(self.core)
         self.core.create_namespace({"metadata": {"name": namespace}})
         # without the serviceaccount controller no "default" ServiceAccount appears by itself
@@ -521,6 +598,30 @@ class RealBackend:
             "metadata": {"generateName": "unwatched-"}, "data": {"at": _now()}})
         self.plane.compact_etcd()
         self.restart_api()
+
+    def in_cluster_client(self, token_file: Path) -> Any:
+        client = in_cluster_client(HOST, APISERVER_PORT, token_file, self.plane.pki["ca.crt"])
+        self._clients.append(client)
+        return client
+
+    def issue_token(self) -> str:
+        """A bound token of the router's ServiceAccount, bound to a Secret of its own: deleting
+        that Secret revokes the token (as deleting the pod revokes a projected token)."""
+        name = f"router-token-{next(self._token_names)}"
+        bound = self.core.create_namespaced_secret(self.namespace, {"metadata": {"name": name}})
+        reply = self.core.create_namespaced_service_account_token("vllm-router", self.namespace, {
+            "spec": {"expirationSeconds": 3600, "boundObjectRef": {
+                "kind": "Secret", "apiVersion": "v1", "name": name, "uid": bound.metadata.uid}}})
+        token = str(reply.status.token)
+        self._token_secrets[token] = name
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        self.core.delete_namespaced_secret(self._token_secrets.pop(token), self.namespace)
+
+    def token_accepted(self, token: str) -> bool:
+        context = ssl.create_default_context(cafile=str(self.plane.pki["ca.crt"]))
+        return token_accepted(self.plane.url, token, context)
 
     def ready_ips(self, service: str) -> list[str]:
         with self._lock:

@@ -426,6 +426,11 @@ class FakeApiServer:
         self.bookmark_interval = bookmark_interval
         self.history_limit = history_limit
         self.allowed_verbs = allowed_verbs
+        #: bearer tokens accepted (``None``: no authentication, every request is let in);
+        #: any other or a missing ``Authorization`` gets the real server's 401 ``Status``
+        #: before anything else is looked at.  A watch already open is not cut when its token
+        #: is dropped from here, as on the real server (tokens are checked at the request).
+        self.accepted_tokens: set[str] | None = None
         self._cond = threading.Condition()
         # guarded by _cond:
         self._store: dict[str, dict[tuple[str, str], Obj]] = {r: {} for r in RESOURCES}
@@ -754,6 +759,9 @@ class FakeApiServer:
 
     def _handle_get(self, handler: _Handler) -> None:
         """Route, count, apply disablement / faults / RBAC, then serve GET, LIST or WATCH."""
+        if not self._authenticated(handler):
+            handler.send_json(401, status_body(401, "Unauthorized"))
+            return
         url = urlsplit(handler.path)
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         route = _parse_route(url.path)
@@ -773,6 +781,13 @@ class FakeApiServer:
             self._serve_get(handler, route)
         else:
             self._serve_collection(handler, verb, route, query)
+
+    def _authenticated(self, handler: _Handler) -> bool:
+        accepted = self.accepted_tokens
+        if accepted is None:
+            return True
+        scheme, _, token = (handler.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and token.strip() in accepted
 
     def _admit(self, verb: str, route: _Route) -> _Fault | None:
         """Count the request and decide whether it is refused, and how."""
