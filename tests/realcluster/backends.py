@@ -45,7 +45,10 @@ from vllm_router_svcdisc.sim.engine import FakeEngine
 
 CLUSTER_DOMAIN = "cluster.local"
 RBAC_YAML = REPO / "deploy" / "rbac.yaml"
-NODE = "realcluster-node-1"
+#: Nodes the pods are spread over, round-robin per Service (only objects: no kubelet runs, and
+#: no node lifecycle controller, so a "dead" node's pods stay Ready).
+NODES = ("realcluster-node-1", "realcluster-node-2", "realcluster-node-3")
+NODE = NODES[0]
 
 
 class Backend(Protocol):
@@ -101,6 +104,12 @@ class Backend(Protocol):
     def revoke_token(self, token: str) -> None: ...
 
     def token_accepted(self, token: str) -> bool: ...
+
+    def node_of(self, pod: str) -> str: ...
+
+    def kill_node(self, node: str) -> list[str]: ...
+
+    def revive_node(self, node: str) -> list[str]: ...
 
 
 _in_cluster_lock = threading.Lock()
@@ -244,6 +253,17 @@ class SimBackend:
     def token_accepted(self, token: str) -> bool:
         return token_accepted(self.cluster.api.url, token)
 
+    def node_of(self, pod: str) -> str:
+        return self._pods[pod].node_name
+
+    def kill_node(self, node: str) -> list[str]:
+        """The node dies at the network level; no grace period ends within a scenario (as on the
+        real control plane here, where no node lifecycle controller runs): its pods stay Ready."""
+        return sorted(p.name for p in self.cluster.kill_node(node, grace=3600.0))
+
+    def revive_node(self, node: str) -> list[str]:
+        return sorted(p.name for p in self.cluster.revive_node(node))
+
 
 # --- the real control plane -----------------------------------------------------------------------
 
@@ -265,6 +285,7 @@ class RealPod:
     labels: dict[str, str]
     owner: str
     engine: FakeEngine
+    node: str = NODE
     ready: bool = True
     terminating: bool = False
 
@@ -396,7 +417,8 @@ class RealBackend:
         self._clients: list[Any] = [self.admin]
         self._token_names = itertools.count(1)
         self._token_secrets: dict[str, str] = {}
-        ensure_node(self.core)
+        for node in NODES:
+            ensure_node(self.core, node)
         self.core.create_namespace({"metadata": {"name": namespace}})
         # without the serviceaccount controller no "default" ServiceAccount appears by itself
         self.core.create_namespaced_service_account(namespace, {"metadata": {"name": "default"}})
@@ -501,11 +523,12 @@ class RealBackend:
         name = f"{service}-{index}"
         ip = next_pod_ip()
         engine = self.engine_factory(ip, self.engine_port, model=DEFAULT_MODEL).start()
-        pod = RealPod(name, ip, dict(s.selector), service, engine, ready=ready)
+        pod = RealPod(name, ip, dict(s.selector), service, engine,
+                      node=NODES[index % len(NODES)], ready=ready)
         self.core.create_namespaced_pod(self.namespace, {
             "metadata": {"name": name, "labels": pod.labels},
             "spec": {
-                "nodeName": NODE,
+                "nodeName": pod.node,
                 "automountServiceAccountToken": False,
                 "terminationGracePeriodSeconds": 30,
                 "containers": [{"name": "vllm", "image": "vllm/vllm-openai:fake",
@@ -622,6 +645,30 @@ class RealBackend:
     def token_accepted(self, token: str) -> bool:
         context = ssl.create_default_context(cafile=str(self.plane.pki["ca.crt"]))
         return token_accepted(self.plane.url, token, context)
+
+    def node_of(self, pod: str) -> str:
+        return self._pods[pod].node
+
+    def _on(self, node: str) -> list[RealPod]:
+        with self._lock:
+            return sorted((p for p in self._pods.values() if p.node == node),
+                          key=lambda p: p.name)
+
+    def kill_node(self, node: str) -> list[str]:
+        """The node dies at the network level: its engines are cut off
+        (:meth:`FakeEngine.cut_network`, as ``SimCluster.kill_node`` does). Nothing changes in
+        the API: no kubelet stops reporting, no node lifecycle controller runs, so the pods stay
+        Ready and their endpoints ready."""
+        pods = self._on(node)
+        for pod in pods:
+            pod.engine.cut_network()
+        return [p.name for p in pods]
+
+    def revive_node(self, node: str) -> list[str]:
+        pods = self._on(node)
+        for pod in pods:
+            pod.engine.restore_network()
+        return [p.name for p in pods]
 
     def ready_ips(self, service: str) -> list[str]:
         with self._lock:
