@@ -48,10 +48,14 @@ DEFAULT_BOOKMARK_INTERVAL = 60.0
 WATCH_FAULTS = ("empty", "error-event", "silent")
 _SNAPSHOT_LIMIT = 64  # paged LIST snapshots kept for continue tokens; older tokens expire
 _TOO_LARGE_CAUSE = "ResourceVersionTooLarge"
-_CONTINUE_EXPIRED = (
+_CONTINUE_EXPIRED = (  # kube-apiserver's own words, with the inconsistent-continue token
     "The provided continue parameter is too old to display a consistent list result. You can "
-    "start a new list without the continue parameter."
+    "start a new list without the continue parameter, or use the continue token in this "
+    "response to retrieve the remainder of the results. Continuing with the provided token "
+    "results in an inconsistent list - objects that were created, modified, or deleted between "
+    "the time the first chunk was returned and now may show up in the list."
 )
+_INCONSISTENT = -1  # the revision of an inconsistent-continue token: the current state
 _WAKE_INTERVAL = 0.2  # watch handlers re-check stop/cut/peer-closed at least this often
 _JOIN_TIMEOUT = 1.0
 _USER = "system:serviceaccount:default:router"
@@ -244,10 +248,11 @@ class _Watch:
 class _ListRefused(Exception):
     """A LIST answered with an error Status (bad or expired paging parameters)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, continue_token: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.continue_token = continue_token
 
 
 @dataclass
@@ -916,7 +921,10 @@ class FakeApiServer:
                 else:
                     rv, entries = self._rv, sorted(self._store[rtype.plural].items())
         except _ListRefused as refused:
-            handler.send_json(refused.code, status_body(refused.code, refused.message))
+            body = status_body(refused.code, refused.message)
+            if refused.continue_token is not None:
+                body["metadata"] = {"continue": refused.continue_token}
+            handler.send_json(refused.code, body)
             return
         items: list[Obj] = []
         metadata: Obj = {"resourceVersion": str(rv)}
@@ -945,25 +953,34 @@ class FakeApiServer:
                 raise _ListRefused(400, f"invalid resource version: {raw_rv!r}") from None
             if asked < self._floor:
                 raise _ListRefused(410, f"too old resource version: {asked} ({self._floor})")
+        return self._rv, self._snapshot(resource)
+
+    def _snapshot(self, resource: str) -> _Entries:
+        """The store's current entries, kept for the continue tokens into them."""
         entries = sorted(self._store[resource].items())
         self._snapshots[(resource, self._rv)] = entries
         while len(self._snapshots) > _SNAPSHOT_LIMIT:
             del self._snapshots[next(iter(self._snapshots))]
-        return self._rv, entries
+        return entries
 
     def _continue_page(self, resource: str, token: str) -> tuple[int, _Entries]:
-        """The rest of a paged LIST after the token's key, or 410 once it expired."""
+        """The rest of a paged LIST after the token's key, or 410 once it expired. The 410
+        carries an inconsistent-continue token, as kube-apiserver's does: the rest of the list
+        after the same key, from the current state (a client may use it or start again)."""
         try:
             decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
             rv, start = int(decoded["rv"]), (str(decoded["start"][0]), str(decoded["start"][1]))
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise _ListRefused(400, "continue key is not valid") from None
-        entries = self._snapshots.get((resource, rv))
-        if self._continues_to_expire > 0:
-            self._continues_to_expire -= 1
-            entries = None
+        if rv == _INCONSISTENT:
+            rv, entries = self._rv, self._snapshot(resource)
+        else:
+            entries = self._snapshots.get((resource, rv))
+            if self._continues_to_expire > 0:
+                self._continues_to_expire -= 1
+                entries = None
         if entries is None:
-            raise _ListRefused(410, _CONTINUE_EXPIRED)
+            raise _ListRefused(410, _CONTINUE_EXPIRED, _continue_token(_INCONSISTENT, start))
         return rv, [(key, obj) for key, obj in entries if key >= start]
 
     # --- watch ---------------------------------------------------------------------------------
