@@ -972,6 +972,7 @@ class FakeApiServer:
             rv, start = int(decoded["rv"]), (str(decoded["start"][0]), str(decoded["start"][1]))
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise _ListRefused(400, "continue key is not valid") from None
+        entries: _Entries | None
         if rv == _INCONSISTENT:
             rv, entries = self._rv, self._snapshot(resource)
         else:
