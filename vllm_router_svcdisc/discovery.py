@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import socket
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes.config import incluster_config
 from urllib3.connection import HTTPConnection
 
 from .cache import DiscoveryCache, ModelProbe, PortSpec, ProbeTarget, ServiceView, Snapshot
@@ -52,7 +55,9 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
 
     urllib3's own retries are off: it would sleep through a 429's Retry-After inside a call
     that ``close()`` cannot interrupt; the informer's backoff honours Retry-After instead.
-    TCP keepalive is on (see :func:`keepalive_socket_options`).
+    TCP keepalive is on (see :func:`keepalive_socket_options`).  In-cluster, the mounted
+    ServiceAccount token is re-read as soon as the file changes (:class:`TokenFile`), not only
+    once a minute as the client's own loader does.
     """
     configuration = k8s_client.Configuration()
     configuration.retries = 0
@@ -61,6 +66,7 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     if kubeconfig is None and context is None:
         try:
             k8s_config.load_incluster_config(client_configuration=configuration)
+            TokenFile(incluster_config.SERVICE_TOKEN_FILENAME).install(configuration)
             return _with_keepalive(k8s_client.ApiClient(configuration))
         except k8s_config.ConfigException as exc:
             errors.append(f"in-cluster: {exc}")
@@ -71,6 +77,60 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     except (k8s_config.ConfigException, OSError, TypeError) as exc:
         errors.append(f"kubeconfig: {exc}")
     raise DiscoveryConfigError("no Kubernetes configuration found (" + "; ".join(errors) + ")")
+
+
+class TokenFile:
+    """The ServiceAccount token file, re-read when it changes: the ``refresh_api_key_hook`` of
+    an in-cluster client configuration (the client calls it before every request).
+
+    The kubernetes client's in-cluster loader re-reads the file at most once a minute, so after
+    a rotation whose old token stops working at once (its bound Secret or Pod deleted, the
+    ServiceAccount recreated) every request fails with 401 for up to a minute.  This hook
+    ``stat``s the file at each request (the kubelet swaps a projected token's ``..data``
+    symlink: a new inode; a rewrite changes the size or mtime) and reads it when it changed,
+    and at least every ``refresh`` seconds.  An unreadable or empty file keeps the last token.
+    It replaces the loader's hook, which also re-set the host and CA path each time (they do
+    not change).
+    """
+
+    def __init__(self, path: str, refresh: float = 60.0) -> None:
+        self.path = path
+        self.refresh = refresh
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int, int] | None = None
+        self._read_at = float("-inf")
+        self._token: str | None = None
+        self.reads = 0
+
+    def install(self, configuration: Any) -> None:
+        """Read the file now and re-read it from the configuration's key hook."""
+        self(configuration)
+        configuration.refresh_api_key_hook = self
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def __call__(self, configuration: Any) -> None:
+        stamp = self._stat()
+        now = SYSTEM_CLOCK.monotonic()
+        with self._lock:
+            if stamp is not None and (stamp != self._stamp or now - self._read_at >= self.refresh):
+                try:
+                    with open(self.path, encoding="utf-8") as f:
+                        text = f.read().strip()
+                except (OSError, UnicodeDecodeError):
+                    text = ""
+                if text:
+                    self._token = f"bearer {text}"  # as the client's loader writes it
+                    self._stamp, self._read_at = stamp, now
+                    self.reads += 1
+            token = self._token
+        if token is not None:
+            configuration.api_key["BearerToken"] = token
 
 
 def keepalive_socket_options() -> list[tuple[int, int, int]]:

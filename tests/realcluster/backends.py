@@ -12,25 +12,43 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
+import secrets
+import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
+from unittest import mock
 
 import kubernetes.client
 import yaml
 from kubernetes.client import CoreV1Api, DiscoveryV1Api, RbacAuthorizationV1Api
+from kubernetes.config import incluster_config
 
-from tests.realcluster.controlplane import POD_CIDR, REPO, ControlPlane
-from vllm_router_svcdisc.sim.cluster import DEFAULT_MODEL, ENGINE_PORT, SimCluster, SimPod
+from tests.realcluster.controlplane import APISERVER_PORT, HOST, POD_CIDR, REPO, ControlPlane
+from vllm_router_svcdisc.discovery import load_api_client
+from vllm_router_svcdisc.sim.cluster import (
+    DEFAULT_MODEL,
+    ENGINE_PORT,
+    EngineFactory,
+    SimCluster,
+    SimPod,
+)
 from vllm_router_svcdisc.sim.dns import ServiceDNS
 from vllm_router_svcdisc.sim.engine import FakeEngine
 
 CLUSTER_DOMAIN = "cluster.local"
 RBAC_YAML = REPO / "deploy" / "rbac.yaml"
-NODE = "realcluster-node-1"
+#: Nodes the pods are spread over, round-robin per Service (only objects: no kubelet runs, and
+#: no node lifecycle controller, so a "dead" node's pods stay Ready).
+NODES = ("realcluster-node-1", "realcluster-node-2", "realcluster-node-3")
+NODE = NODES[0]
 
 
 class Backend(Protocol):
@@ -78,6 +96,54 @@ class Backend(Protocol):
     def restore_access(self) -> None: ...
 
     def expire_history(self) -> None: ...
+
+    def in_cluster_client(self, token_file: Path) -> Any: ...
+
+    def issue_token(self) -> str: ...
+
+    def revoke_token(self, token: str) -> None: ...
+
+    def token_accepted(self, token: str) -> bool: ...
+
+    def node_of(self, pod: str) -> str: ...
+
+    def kill_node(self, node: str) -> list[str]: ...
+
+    def revive_node(self, node: str) -> list[str]: ...
+
+
+_in_cluster_lock = threading.Lock()
+
+
+def in_cluster_client(host: str, port: int, token_file: Path, ca_file: Path) -> Any:
+    """``load_api_client()`` as a router's pod runs it (in-cluster config: the environment's
+    ``KUBERNETES_SERVICE_HOST``/``PORT``, the mounted token and CA), with the mount's files at
+    ``token_file`` and ``ca_file``: the client's in-cluster loader reads its module constants
+    at call time."""
+    with _in_cluster_lock, \
+            mock.patch.multiple(incluster_config, SERVICE_TOKEN_FILENAME=str(token_file),
+                                SERVICE_CERT_FILENAME=str(ca_file)), \
+            mock.patch.dict(os.environ, {"KUBERNETES_SERVICE_HOST": host,
+                                         "KUBERNETES_SERVICE_PORT": str(port)}):
+        return load_api_client()
+
+
+def write_token(path: Path, token: str) -> None:
+    """Replace the token file as the kubelet does: a new file renamed over the old."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    tmp.write_text(token)
+    os.replace(tmp, path)
+
+
+def token_accepted(url: str, token: str, context: ssl.SSLContext | None = None) -> bool:
+    """Whether the API server at ``url`` authenticates ``token`` (any answer but 401)."""
+    request = urllib.request.Request(f"{url}/version",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 401
 
 
 # --- the simulator --------------------------------------------------------------------------------
@@ -163,6 +229,41 @@ class SimBackend:
         self.cluster.api.compact()
         self.cluster.api.restart()
 
+    def in_cluster_client(self, token_file: Path) -> Any:
+        """The in-cluster client; the simulator serves plain HTTP, so the CA file is a
+        placeholder and the client's ``https://`` host is turned into the simulator's URL."""
+        ca_file = token_file.with_name("ca.crt")
+        ca_file.write_text("the simulator serves plain HTTP\n")
+        client = in_cluster_client("127.0.0.1", self.cluster.api.port, token_file, ca_file)
+        client.configuration.host = self.cluster.api.url
+        return client
+
+    def issue_token(self) -> str:
+        """A new token the simulator accepts (from now on it checks bearer tokens)."""
+        token = secrets.token_urlsafe(24)
+        if self.cluster.api.accepted_tokens is None:
+            self.cluster.api.accepted_tokens = set()
+        self.cluster.api.accepted_tokens.add(token)
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        assert self.cluster.api.accepted_tokens is not None
+        self.cluster.api.accepted_tokens.discard(token)
+
+    def token_accepted(self, token: str) -> bool:
+        return token_accepted(self.cluster.api.url, token)
+
+    def node_of(self, pod: str) -> str:
+        return self._pods[pod].node_name
+
+    def kill_node(self, node: str) -> list[str]:
+        """The node dies at the network level; no grace period ends within a scenario (as on the
+        real control plane here, where no node lifecycle controller runs): its pods stay Ready."""
+        return sorted(p.name for p in self.cluster.kill_node(node, grace=3600.0))
+
+    def revive_node(self, node: str) -> list[str]:
+        return sorted(p.name for p in self.cluster.revive_node(node))
+
 
 # --- the real control plane -----------------------------------------------------------------------
 
@@ -184,6 +285,7 @@ class RealPod:
     labels: dict[str, str]
     owner: str
     engine: FakeEngine
+    node: str = NODE
     ready: bool = True
     terminating: bool = False
 
@@ -297,10 +399,15 @@ class RealBackend:
 
     name = "real"
 
-    def __init__(self, plane: ControlPlane, namespace: str, dns: ServiceDNS) -> None:
+    def __init__(self, plane: ControlPlane, namespace: str, dns: ServiceDNS, *,
+                 engine_factory: EngineFactory = FakeEngine,
+                 engine_port: int = ENGINE_PORT) -> None:
         self.plane = plane
         self.namespace = namespace
         self.dns = dns
+        #: how pods' engines are made (``SimCluster``'s ``engine_factory``: e.g. an engine farm)
+        self.engine_factory = engine_factory
+        self.engine_port = engine_port
         self.admin = plane.client()
         self.core = CoreV1Api(self.admin)
         self._services: dict[str, RealService] = {}
@@ -308,7 +415,10 @@ class RealBackend:
         self._next: dict[str, int] = {}
         self._lock = threading.RLock()
         self._clients: list[Any] = [self.admin]
-        ensure_node(self.core)
+        self._token_names = itertools.count(1)
+        self._token_secrets: dict[str, str] = {}
+        for node in NODES:
+            ensure_node(self.core, node)
         self.core.create_namespace({"metadata": {"name": namespace}})
         # without the serviceaccount controller no "default" ServiceAccount appears by itself
         self.core.create_namespaced_service_account(namespace, {"metadata": {"name": "default"}})
@@ -341,7 +451,8 @@ class RealBackend:
         chosen = dict(selector or {"app": name, "model": DEFAULT_MODEL.replace("/", "-")[:63]})
         spec: dict[str, Any] = {
             "selector": chosen,
-            "ports": [{"name": "http", "port": 80, "targetPort": ENGINE_PORT, "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": 80, "targetPort": self.engine_port,
+                       "protocol": "TCP"}],
             "publishNotReadyAddresses": publish_not_ready,
         }
         if headless:
@@ -372,7 +483,7 @@ class RealBackend:
         # a JSON patch replaces the list (a strategic merge would merge ports by number)
         self.core.patch_namespaced_service(name, self.namespace, [{
             "op": "replace", "path": "/spec/ports", "value": [
-                {"name": n, "port": p, "targetPort": ENGINE_PORT, "protocol": "TCP"}
+                {"name": n, "port": p, "targetPort": self.engine_port, "protocol": "TCP"}
                 for n, p in ports]}])
         with self._lock:
             self._services[name].port = ports[0][1]
@@ -388,7 +499,7 @@ class RealBackend:
 
     def url_of(self, service: str) -> str:
         s = self._services[service]
-        port = ENGINE_PORT if s.headless else s.port
+        port = self.engine_port if s.headless else s.port
         return f"http://{service}.{self.namespace}.svc.{CLUSTER_DOMAIN}:{port}"
 
     # -- pods --------------------------------------------------------------------------------------
@@ -411,16 +522,18 @@ class RealBackend:
             self._next[service] = index + 1
         name = f"{service}-{index}"
         ip = next_pod_ip()
-        engine = FakeEngine(ip, ENGINE_PORT, model=DEFAULT_MODEL).start()
-        pod = RealPod(name, ip, dict(s.selector), service, engine, ready=ready)
+        engine = self.engine_factory(ip, self.engine_port, model=DEFAULT_MODEL).start()
+        pod = RealPod(name, ip, dict(s.selector), service, engine,
+                      node=NODES[index % len(NODES)], ready=ready)
         self.core.create_namespaced_pod(self.namespace, {
             "metadata": {"name": name, "labels": pod.labels},
             "spec": {
-                "nodeName": NODE,
+                "nodeName": pod.node,
                 "automountServiceAccountToken": False,
                 "terminationGracePeriodSeconds": 30,
                 "containers": [{"name": "vllm", "image": "vllm/vllm-openai:fake",
-                                "ports": [{"name": "http", "containerPort": ENGINE_PORT}]}],
+                                "ports": [{"name": "http",
+                                           "containerPort": self.engine_port}]}],
             },
         })
         with self._lock:
@@ -508,6 +621,54 @@ class RealBackend:
             "metadata": {"generateName": "unwatched-"}, "data": {"at": _now()}})
         self.plane.compact_etcd()
         self.restart_api()
+
+    def in_cluster_client(self, token_file: Path) -> Any:
+        client = in_cluster_client(HOST, APISERVER_PORT, token_file, self.plane.pki["ca.crt"])
+        self._clients.append(client)
+        return client
+
+    def issue_token(self) -> str:
+        """A bound token of the router's ServiceAccount, bound to a Secret of its own: deleting
+        that Secret revokes the token (as deleting the pod revokes a projected token)."""
+        name = f"router-token-{next(self._token_names)}"
+        bound = self.core.create_namespaced_secret(self.namespace, {"metadata": {"name": name}})
+        reply = self.core.create_namespaced_service_account_token("vllm-router", self.namespace, {
+            "spec": {"expirationSeconds": 3600, "boundObjectRef": {
+                "kind": "Secret", "apiVersion": "v1", "name": name, "uid": bound.metadata.uid}}})
+        token = str(reply.status.token)
+        self._token_secrets[token] = name
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        self.core.delete_namespaced_secret(self._token_secrets.pop(token), self.namespace)
+
+    def token_accepted(self, token: str) -> bool:
+        context = ssl.create_default_context(cafile=str(self.plane.pki["ca.crt"]))
+        return token_accepted(self.plane.url, token, context)
+
+    def node_of(self, pod: str) -> str:
+        return self._pods[pod].node
+
+    def _on(self, node: str) -> list[RealPod]:
+        with self._lock:
+            return sorted((p for p in self._pods.values() if p.node == node),
+                          key=lambda p: p.name)
+
+    def kill_node(self, node: str) -> list[str]:
+        """The node dies at the network level: its engines are cut off
+        (:meth:`FakeEngine.cut_network`, as ``SimCluster.kill_node`` does). Nothing changes in
+        the API: no kubelet stops reporting, no node lifecycle controller runs, so the pods stay
+        Ready and their endpoints ready."""
+        pods = self._on(node)
+        for pod in pods:
+            pod.engine.cut_network()
+        return [p.name for p in pods]
+
+    def revive_node(self, node: str) -> list[str]:
+        pods = self._on(node)
+        for pod in pods:
+            pod.engine.restore_network()
+        return [p.name for p in pods]
 
     def ready_ips(self, service: str) -> list[str]:
         with self._lock:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.engine_farm import EngineFarm
 from tests.conftest import FAST_INFORMER, FAST_PROBE
 from tests.realcluster.backends import Backend, RealBackend, SimBackend, wait_controller_working
 from tests.realcluster.controlplane import (
@@ -94,11 +95,30 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         yield real
 
 
+@pytest.fixture(params=BACKENDS)
+def farm_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """``backend`` whose pods' engines are served by one engine-farm process
+    (``benchmarks/engine_farm.py``, bound on ``0.0.0.0``: it answers for every pod address on
+    ``lo``), for scenarios with hundreds of pods; farm engines cannot be cut off the network."""
+    namespace = new_namespace()
+    with EngineFarm(0, max_seconds=900) as farm:
+        if request.param == "sim":
+            with SimCluster(bookmark_interval=0.25, engine_port=farm.port,
+                            engine_factory=farm.engine_factory()) as sim:
+                yield SimBackend(sim, namespace)
+            return
+        with real_backend_in(request.getfixturevalue("control_plane"), namespace,
+                             engine_factory=farm.engine_factory(),
+                             engine_port=farm.port) as real:
+            yield real
+
+
 @contextlib.contextmanager
-def real_backend_in(plane: ControlPlane, namespace: str) -> Iterator[RealBackend]:
+def real_backend_in(plane: ControlPlane, namespace: str,
+                    **options: Any) -> Iterator[RealBackend]:
     """A RealBackend on a fresh namespace, with Service DNS installed in-process."""
     dns = ServiceDNS().install()
-    real = RealBackend(plane, namespace, dns)
+    real = RealBackend(plane, namespace, dns, **options)
     try:
         yield real
     finally:

@@ -42,7 +42,14 @@ ETCD_PORT = 2379
 ETCD_PEER_PORT = 2380
 APISERVER_PORT = 6443
 KCM_PORT = 10257
-SERVICE_CIDR = "10.0.0.0/24"
+#: Room for the 1 000-Service scenario's ClusterIPs (a /24 holds 254).
+SERVICE_CIDR = "10.0.0.0/16"
+#: kube-controller-manager's client rate limit (its defaults, 20 QPS and a burst of 30, pace
+#: the EndpointSlice and endpoints controllers to ~20 writes a second: 1 000 Services' slices
+#: and Endpoints would take well over a minute). A real control plane sets its own; this one
+#: only ever serves tests.
+KCM_API_QPS = 400
+KCM_API_BURST = 800
 #: Pod addresses: made local on the namespace's ``lo`` (``ip route add local ... dev lo``).
 POD_CIDR = "10.244.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -220,6 +227,7 @@ class ControlPlane:
             f"--kubeconfig={workdir / 'admin.kubeconfig'}",
             "--controllers=endpointslice,endpoint,endpointslicemirroring",
             "--use-service-account-credentials=false", "--leader-elect=false",
+            f"--kube-api-qps={KCM_API_QPS}", f"--kube-api-burst={KCM_API_BURST}",
             f"--secure-port={KCM_PORT}", f"--bind-address={HOST}",
             f"--cert-dir={workdir / 'kcm-certs'}",
         ], workdir / "kube-controller-manager.log")

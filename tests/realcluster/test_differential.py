@@ -274,6 +274,45 @@ def test_watch_from_an_expired_resource_version_gets_the_same_410(
                                                                     "Expired"), seen
 
 
+def _expired_continue(b: Backend) -> tuple[int, dict[str, Any], list[str]]:
+    """A paged LIST of Services (pages of 1) whose continue token expired between pages
+    (history compacted and the server restarted: the real watch cache no longer holds the
+    list's snapshot, and etcd was compacted past it). Returns the status, the Status body with
+    its continue token masked, and the names the 410's own continue token then lists."""
+    for name in ("page-a", "page-b", "page-c"):
+        b.add_service(name, replicas=0)
+    api = CoreV1Api(b.router_client())
+    first = _raw(api.list_namespaced_service, b.namespace, limit=1)
+    b.expire_history()
+    try:
+        api.list_namespaced_service(b.namespace, limit=1, _continue=first["metadata"]["continue"])
+    except ApiException as exc:
+        body = json.loads(exc.body)
+        rest: list[str] = []
+        token = body.get("metadata", {}).get("continue")
+        for _ in range(10):  # the inconsistent-continue token pages on
+            if not token:
+                break
+            page = _raw(api.list_namespaced_service, b.namespace, limit=1, _continue=token)
+            rest += [item["metadata"]["name"] for item in page["items"]]
+            token = page["metadata"].get("continue")
+        if "continue" in body.get("metadata", {}):
+            body["metadata"]["continue"] = "<token>"
+        return exc.status, body, rest
+    return 200, {}, []
+
+
+def test_expired_continue_token_gets_the_same_410(both: tuple[SimBackend, RealBackend]) -> None:
+    """The 410 of a continue token whose list expired: the same Status on both (kube-apiserver
+    words it as an offer: its own inconsistent-continue token lists the rest from now)."""
+    sim, real = both
+    seen = {b.name: _expired_continue(b) for b in (sim, real)}
+    assert seen["sim"] == seen["real"], seen
+    code, body, rest = seen["real"]
+    assert (code, body["reason"], body["metadata"]) == (410, "Expired", {"continue": "<token>"})
+    assert rest == ["page-b", "page-c"]
+
+
 class SliceWatch:
     """A watch on a Service's EndpointSlices in a thread; ``states(ip)`` is what a client saw
     for one endpoint, event by event: (ready, serving, terminating), or None when absent."""

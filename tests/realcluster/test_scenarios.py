@@ -234,3 +234,32 @@ def test_scraper_follows_the_ready_pods(backend: Backend, discover: Discover) ->
         assert len(pods_scraped()) == 2
     finally:
         scraper.close()
+
+
+def test_dead_node_pods_leave_the_pod_view_while_kubernetes_keeps_them_ready(
+        backend: Backend, discover: Discover) -> None:
+    """A node dies at the network level (its engines' connections time out). Kubernetes keeps
+    the pods Ready (on the real control plane no node lifecycle controller runs; in the
+    simulator its grace period does not end within the scenario), so the endpoints stay ready;
+    the outlier policy drops them from the pod view, and they return when the node does."""
+    backend.add_service("vllm-a", replicas=3)
+    d = discover(backend, routing="pod")
+    wait_converged(d, backend, ["vllm-a"])
+    victim = backend.pods("vllm-a")[0]
+    node = backend.node_of(victim)
+    assert backend.kill_node(node) == [victim]  # one pod per node
+    dead = f"http://{backend.pod_ip(victim)}:{ENGINE_PORT}"
+    live = sorted(set(pod_urls(d)) - {dead})
+    assert len(live) == 2
+
+    wait_for(lambda: pod_urls(d) == live, CONVERGE,
+             lambda: f"[{backend.name}] pod view {pod_urls(d)}, expected {live}")
+    view = d.get_service_status()[f"{backend.namespace}/vllm-a"]
+    assert backend.pod_ip(victim) in backend.ready_ips("vllm-a")  # Kubernetes: still ready
+    assert len(view.ready_pods) == 3
+    state = {p.url: (p.state, p.reason or "") for p in view.pods}[dead]
+    assert state[0] == "ejected" and state[1].startswith("connect_timeout"), state
+
+    assert backend.revive_node(node) == [victim]
+    wait_converged(d, backend, ["vllm-a"])
+    assert len(pod_urls(d)) == 3

@@ -51,10 +51,14 @@ DEFAULT_BOOKMARK_INTERVAL = 60.0
 WATCH_FAULTS = ("empty", "error-event", "silent")
 _SNAPSHOT_LIMIT = 64  # paged LIST snapshots kept for continue tokens; older tokens expire
 _TOO_LARGE_CAUSE = "ResourceVersionTooLarge"
-_CONTINUE_EXPIRED = (
+_CONTINUE_EXPIRED = (  # kube-apiserver's own words, with the inconsistent-continue token
     "The provided continue parameter is too old to display a consistent list result. You can "
-    "start a new list without the continue parameter."
+    "start a new list without the continue parameter, or use the continue token in this "
+    "response to retrieve the remainder of the results. Continuing with the provided token "
+    "results in an inconsistent list - objects that were created, modified, or deleted between "
+    "the time the first chunk was returned and now may show up in the list."
 )
+_INCONSISTENT = -1  # the revision of an inconsistent-continue token: the current state
 _WAKE_INTERVAL = 0.2  # watch handlers re-check stop/cut/peer-closed at least this often
 _JOIN_TIMEOUT = 1.0
 _USER = "system:serviceaccount:default:router"
@@ -258,10 +262,11 @@ class _Watch:
 class _ListRefused(Exception):
     """A LIST answered with an error Status (bad or expired paging parameters)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, continue_token: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.continue_token = continue_token
 
 
 @dataclass
@@ -449,6 +454,11 @@ class FakeApiServer:
         self.bookmark_interval = bookmark_interval
         self.history_limit = history_limit
         self.allowed_verbs = allowed_verbs
+        #: bearer tokens accepted (``None``: no authentication, every request is let in);
+        #: any other or a missing ``Authorization`` gets the real server's 401 ``Status``
+        #: before anything else is looked at.  A watch already open is not cut when its token
+        #: is dropped from here, as on the real server (tokens are checked at the request).
+        self.accepted_tokens: set[str] | None = None
         self._cond = threading.Condition()
         # guarded by _cond:
         self._store: dict[str, dict[tuple[str, str], Obj]] = {r: {} for r in RESOURCES}
@@ -778,6 +788,9 @@ class FakeApiServer:
 
     def _handle_get(self, handler: _Handler) -> None:
         """Route, count, apply disablement / faults / RBAC, then serve GET, LIST or WATCH."""
+        if not self._authenticated(handler):
+            handler.send_json(401, status_body(401, "Unauthorized"))
+            return
         url = urlsplit(handler.path)
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         health = url.path.strip("/").split("/")[0]
@@ -845,6 +858,13 @@ class FakeApiServer:
                     fault.remaining -= 1
                 return fault
         return None
+
+    def _authenticated(self, handler: _Handler) -> bool:
+        accepted = self.accepted_tokens
+        if accepted is None:
+            return True
+        scheme, _, token = (handler.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and token.strip() in accepted
 
     def _admit(self, verb: str, route: _Route) -> _Fault | None:
         """Count the request and decide whether it is refused, and how."""
@@ -973,7 +993,10 @@ class FakeApiServer:
                 else:
                     rv, entries = self._rv, sorted(self._store[rtype.plural].items())
         except _ListRefused as refused:
-            handler.send_json(refused.code, status_body(refused.code, refused.message))
+            body = status_body(refused.code, refused.message)
+            if refused.continue_token is not None:
+                body["metadata"] = {"continue": refused.continue_token}
+            handler.send_json(refused.code, body)
             return
         items: list[Obj] = []
         metadata: Obj = {"resourceVersion": str(rv)}
@@ -1002,25 +1025,35 @@ class FakeApiServer:
                 raise _ListRefused(400, f"invalid resource version: {raw_rv!r}") from None
             if asked < self._floor:
                 raise _ListRefused(410, f"too old resource version: {asked} ({self._floor})")
+        return self._rv, self._snapshot(resource)
+
+    def _snapshot(self, resource: str) -> _Entries:
+        """The store's current entries, kept for the continue tokens into them."""
         entries = sorted(self._store[resource].items())
         self._snapshots[(resource, self._rv)] = entries
         while len(self._snapshots) > _SNAPSHOT_LIMIT:
             del self._snapshots[next(iter(self._snapshots))]
-        return self._rv, entries
+        return entries
 
     def _continue_page(self, resource: str, token: str) -> tuple[int, _Entries]:
-        """The rest of a paged LIST after the token's key, or 410 once it expired."""
+        """The rest of a paged LIST after the token's key, or 410 once it expired. The 410
+        carries an inconsistent-continue token, as kube-apiserver's does: the rest of the list
+        after the same key, from the current state (a client may use it or start again)."""
         try:
             decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
             rv, start = int(decoded["rv"]), (str(decoded["start"][0]), str(decoded["start"][1]))
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise _ListRefused(400, "continue key is not valid") from None
-        entries = self._snapshots.get((resource, rv))
-        if self._continues_to_expire > 0:
-            self._continues_to_expire -= 1
-            entries = None
+        entries: _Entries | None
+        if rv == _INCONSISTENT:
+            rv, entries = self._rv, self._snapshot(resource)
+        else:
+            entries = self._snapshots.get((resource, rv))
+            if self._continues_to_expire > 0:
+                self._continues_to_expire -= 1
+                entries = None
         if entries is None:
-            raise _ListRefused(410, _CONTINUE_EXPIRED)
+            raise _ListRefused(410, _CONTINUE_EXPIRED, _continue_token(_INCONSISTENT, start))
         return rv, [(key, obj) for key, obj in entries if key >= start]
 
     # --- watch ---------------------------------------------------------------------------------
