@@ -1,4 +1,4 @@
-"""``vllm-svcdisc``: watch a real cluster, or run the demo on the embedded simulated one.
+"""Internal: ``vllm-svcdisc``: watch a real cluster, or run the demo on the embedded simulated one.
 
 Exit codes: 0 ok, 1 could not sync (the reason is printed), 2 bad arguments (or a metrics
 port that cannot be served), 130 interrupted.

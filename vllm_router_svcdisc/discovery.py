@@ -1,4 +1,4 @@
-"""K8sServiceDiscovery: Services + EndpointSlices informers, the model prober, one cache.
+"""Internal: K8sServiceDiscovery: Services + EndpointSlices informers, the model prober, one cache.
 
 Threads: one informer for Services, one for EndpointSlices (v1 Endpoints on clusters without
 them), the prober's scheduler and its small worker pool.  Every ``get_*`` method reads the

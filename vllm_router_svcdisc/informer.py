@@ -1,4 +1,4 @@
-"""A reflector in the manner of client-go ``tools/cache``: LIST, replace, WATCH, repeat.
+"""Internal: a reflector in the manner of client-go ``tools/cache``: LIST, replace, WATCH, repeat.
 
 One ``Informer`` keeps one resource type in step with the API server on one background thread.
 It knows nothing about vLLM: it hands batches of :class:`Change` to a callback.

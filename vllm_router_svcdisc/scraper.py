@@ -1,4 +1,4 @@
-"""EngineStatsScraper: every ready pod's ``/metrics``, aggregated per Service.
+"""Internal: EngineStatsScraper: every ready pod's ``/metrics``, aggregated per Service.
 
 Pods are keys of one :class:`~vllm_router_svcdisc.workqueue.WorkQueue`, served by a bounded
 set of worker threads: a pod is never scraped twice at once, a healthy pod comes back one

@@ -1,4 +1,4 @@
-"""Prometheus metrics about discovery itself (not the engines' own metrics).
+"""Internal: Prometheus metrics about discovery itself (not the engines' own metrics).
 
 A custom collector reads the informers', the cache's and the scraper's counters when Prometheus
 scrapes, so nothing is instrumented on the hot paths and nothing can drift out of step.

@@ -84,3 +84,13 @@ def test_the_old_submodule_paths_still_import() -> None:
 def test_the_readme_example_names_resolve() -> None:
     readme_import = "from vllm_router_svcdisc import K8sServiceDiscovery, EngineStatsScraper"
     exec(readme_import, {})  # the README's first line of code must not raise
+
+
+def test_every_other_module_says_it_is_internal() -> None:
+    package = ROOT / "vllm_router_svcdisc"
+    public_modules = {"__init__", "__main__", "compat", "prodstack"}
+    for source in sorted(package.glob("*.py")):
+        if source.stem in public_modules:
+            continue
+        module = importlib.import_module(f"vllm_router_svcdisc.{source.stem}")
+        assert (module.__doc__ or "").startswith("Internal:"), source.name
