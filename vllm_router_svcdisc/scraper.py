@@ -26,8 +26,8 @@ from prometheus_client import Counter, Histogram
 from .backoff import BackoffPolicy
 from .clock import SYSTEM_CLOCK, Clock
 from .http import EngineCallError, EnginePool, expect_ok, fetch
+from .metric_names import PREFIX
 from .poller import FAILED, GONE, Failure, HealthBook, Poller, Step
-from .telemetry import PREFIX
 from .types import EngineStats, PodEndpoint
 from .vllm_metrics import (
     MetricsParseError,

@@ -17,11 +17,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
+from .metric_names import PREFIX
+
+if TYPE_CHECKING:  # one direction only: neither module imports this one
     from .discovery import K8sServiceDiscovery
     from .scraper import EngineStatsScraper
 
-PREFIX = "vllm_svcdisc"
+__all__ = ["PREFIX", "DiscoveryCollector", "Sources", "register_metrics", "serve_metrics"]
 
 
 Sources = Callable[[], "tuple[K8sServiceDiscovery | None, EngineStatsScraper | None]"]
