@@ -249,10 +249,11 @@ class K8sServiceDiscovery:
         return set(self._cache.snapshot.known_models)
 
     def wait_until_synced(self, timeout: float = 10.0) -> bool:
-        """Wait until both informers applied their first LIST; False on timeout."""
-        deadline = SYSTEM_CLOCK.monotonic() + timeout  # a real wait, whatever clock rules use
+        """Wait until both informers applied their first LIST; False once ``timeout`` seconds of
+        the discovery's clock passed."""
+        deadline = self._clock.monotonic() + timeout
         for informer in (self._services, self._endpoints):
-            if not informer.wait_until_synced(max(0.0, deadline - SYSTEM_CLOCK.monotonic())):
+            if not informer.wait_until_synced(max(0.0, deadline - self._clock.monotonic())):
                 return False
         return True
 
