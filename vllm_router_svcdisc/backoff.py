@@ -1,4 +1,4 @@
-"""An exponential backoff value in the manner of client-go's ``BackoffManager``.
+"""Internal: an exponential backoff value in the manner of client-go's ``BackoffManager``.
 
 One :class:`Backoff` remembers one failure streak: ``next()`` after each failure says how long
 to wait, ``reset()`` after a success starts over, and a streak whose last failure is older than

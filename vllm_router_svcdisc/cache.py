@@ -1,4 +1,4 @@
-"""The coordinator of discovery's state: store → per-Service views → published snapshot.
+"""Internal: the coordinator of discovery's state: store → per-Service views → published snapshot.
 
 Writers (the two informer threads and the model prober) change the :class:`ServiceStore` under
 one lock, rebuild the views of the Services they touched with the pure :func:`build_view`, and

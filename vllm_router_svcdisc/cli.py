@@ -1,4 +1,4 @@
-"""``vllm-svcdisc``: watch a real cluster, or run the demo on the embedded simulated one.
+"""Internal: ``vllm-svcdisc``: watch a real cluster, or run the demo on the embedded simulated one.
 
 Exit codes: 0 ok, 1 could not sync (the reason is printed), 2 bad arguments (or a metrics
 port that cannot be served), 130 interrupted.
@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from .cache import ServiceView
@@ -185,7 +185,7 @@ def cmd_watch(args: argparse.Namespace, stream: TextIO) -> int:
             print(f"error: could not sync: {reason}", file=sys.stderr)
             return EXIT_NO_SYNC
         _settle(discovery, scraper, timeout=3.0 + args.scrape_interval)
-        _loop(discovery, scraper, args, stream, until=None)
+        _loop(discovery, scraper, args, stream)
         return EXIT_OK
     finally:
         scraper.close()
@@ -193,13 +193,12 @@ def cmd_watch(args: argparse.Namespace, stream: TextIO) -> int:
 
 
 def _loop(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper | None,
-          args: argparse.Namespace, stream: TextIO,
-          until: Callable[[], bool] | None) -> None:
+          args: argparse.Namespace, stream: TextIO) -> None:
     live = not args.once
     clear = live and args.output == "table" and stream.isatty()
     while True:
         _show(discovery, scraper, args.output, stream, clear=clear)
-        if not live or (until is not None and until()):
+        if not live:
             return
         try:
             SYSTEM_CLOCK.wait(_NEVER, args.refresh)

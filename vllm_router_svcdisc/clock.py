@@ -1,4 +1,5 @@
-"""Time as a dependency, so timing rules (backoff, liveness, health) are testable without sleeping.
+"""Internal: time as a dependency, so timing rules (backoff, liveness, health) are testable
+without sleeping.
 
 Loops wait on a :class:`threading.Event` through the clock: the real clock blocks on the event
 (so ``stop()`` interrupts the wait at once, and so does anything else that sets it, such as the

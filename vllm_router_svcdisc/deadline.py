@@ -1,4 +1,4 @@
-"""A whole-request deadline for engine HTTP calls, enforced on every socket read.
+"""Internal: a whole-request deadline for engine HTTP calls, enforced on every socket read.
 
 Socket timeouts bound each read, not the request: an engine that trickles its status line,
 headers or body a byte at a time (slow loris) never trips them.  Connections made by a

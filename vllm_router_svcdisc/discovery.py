@@ -1,4 +1,4 @@
-"""K8sServiceDiscovery: Services + EndpointSlices informers, the model prober, one cache.
+"""Internal: K8sServiceDiscovery: Services + EndpointSlices informers, the model prober, one cache.
 
 Threads: one informer for Services, one for EndpointSlices (v1 Endpoints on clusters without
 them), the prober's scheduler and its small worker pool.  Every ``get_*`` method reads the
@@ -309,10 +309,11 @@ class K8sServiceDiscovery:
         return set(self._cache.snapshot.known_models)
 
     def wait_until_synced(self, timeout: float = 10.0) -> bool:
-        """Wait until both informers applied their first LIST; False on timeout."""
-        deadline = SYSTEM_CLOCK.monotonic() + timeout  # a real wait, whatever clock rules use
+        """Wait until both informers applied their first LIST; False once ``timeout`` seconds of
+        the discovery's clock passed."""
+        deadline = self._clock.monotonic() + timeout
         for informer in (self._services, self._endpoints):
-            if not informer.wait_until_synced(max(0.0, deadline - SYSTEM_CLOCK.monotonic())):
+            if not informer.wait_until_synced(max(0.0, deadline - self._clock.monotonic())):
                 return False
         return True
 

@@ -1,10 +1,11 @@
-"""The package's exception tree, and errors from the API server reduced to what health checks
-and logs need.
+"""Internal: the package's exception tree, and errors from the API server reduced to what health
+checks and logs need.
 
 :class:`SvcDiscError` is the base of every public exception the package raises: ``except
 SvcDiscError`` catches them all.  Each one also keeps the built-in base it always had
-(``ValueError``, ``RuntimeError``), so existing ``except`` clauses keep working, and each stays
-importable from the module that documents it:
+(``ValueError``, ``RuntimeError``), so existing ``except`` clauses keep working.  Import them from
+the package root (all but the last two, which belong to documented entry points); each also stays
+importable from the module that defines it:
 
 - ``ApiError`` (here): a failed Kubernetes API call;
 - ``vllm_router_svcdisc.discovery.DiscoveryConfigError`` (also a ``RuntimeError``): no usable

@@ -1,4 +1,4 @@
-"""One bounded HTTP GET for engine endpoints: timeouts, a size cap, no redirects.
+"""Internal: one bounded HTTP GET for engine endpoints: timeouts, a size cap, no redirects.
 
 Shared by the model prober and the metrics scraper so both treat engines the same way: an
 engine's answer is never trusted to be small, fast or to point elsewhere.

@@ -1,4 +1,4 @@
-"""A reflector in the manner of client-go ``tools/cache``: LIST, replace, WATCH, repeat.
+"""Internal: a reflector in the manner of client-go ``tools/cache``: LIST, replace, WATCH, repeat.
 
 One ``Informer`` keeps one resource type in step with the API server on one background thread.
 It knows nothing about vLLM: it hands batches of :class:`Change` to a callback.
@@ -31,7 +31,6 @@ import logging
 import random
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +179,11 @@ class InformerConfig:
     checked this often (one checker per API client, shared by its informers) and the first
     success after a failure ends the wait; 0 turns recovery detection off (plain backoff).
     ``recovery_check_timeout``: connect and read timeout of one check.
+    ``backoff``: the retry rule after a failed LIST or WATCH, as a :class:`BackoffPolicy` value
+    (the same type ``ProbeConfig.backoff`` and ``ScrapeConfig.backoff`` take).  None (the
+    default): the older fields spell it, ``BackoffPolicy(initial=backoff_initial,
+    cap=backoff_cap, reset_after=backoff_reset_after)``, client-go's 0.8 s doubling to 30 s with
+    up to 100 % jitter; given, it wins over them.  :attr:`backoff_policy` is the rule in force.
     """
 
     watch_timeout_range: tuple[int, int] = (300, 600)
@@ -194,6 +198,13 @@ class InformerConfig:
     list_page_size: int = 500
     recovery_check_interval: float = 1.0
     recovery_check_timeout: float = 1.0
+    backoff: BackoffPolicy | None = None
+
+    @property
+    def backoff_policy(self) -> BackoffPolicy:
+        """The error backoff in force: ``backoff``, or the one the older fields spell."""
+        return self.backoff or BackoffPolicy(initial=self.backoff_initial, cap=self.backoff_cap,
+                                             reset_after=self.backoff_reset_after)
 
 
 class Informer:
@@ -227,12 +238,10 @@ class Informer:
         self._label_selector = label_selector or None
         self._clock = clock
         self._rng = random.Random()
-        self._error_backoff = Backoff(
-            BackoffPolicy(initial=cfg.backoff_initial, cap=cfg.backoff_cap,
-                          reset_after=cfg.backoff_reset_after), clock=clock)
+        self._error_backoff = Backoff(cfg.backoff_policy, clock=clock)
         self._short_watch_backoff = Backoff(
             BackoffPolicy(initial=cfg.short_watch_retry / 2, cap=cfg.short_watch_retry,
-                          reset_after=cfg.backoff_reset_after), clock=clock)
+                          reset_after=cfg.backoff_policy.reset_after), clock=clock)
         self._known: dict[str, str] = {}  # key -> resourceVersion of what the handler has seen
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by stop, or by the recovery checker
@@ -279,9 +288,10 @@ class Informer:
     def stop(self, timeout: float = 2.0) -> bool:
         """Stop and join; unblocks a blocked read by shutting the socket down.
 
-        Returns True when the thread has ended within ``timeout``.
+        Returns True when the thread has ended within ``timeout``.  The budget is read on the
+        informer's clock; the join itself is a real wait (a thread cannot end in fake time).
         """
-        deadline = time.monotonic() + timeout
+        deadline = self._clock.monotonic() + timeout
         self.signal_stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -289,7 +299,7 @@ class Informer:
         checker, client = self._recovery, self._recovery_client
         if checker is not None and client is not None:
             self._recovery_client = None  # released once; the last user joins its thread
-            recovery.release(client, checker, timeout=max(0.1, deadline - time.monotonic()))
+            recovery.release(client, checker, timeout=max(0.1, deadline - self._clock.monotonic()))
         return thread is None or thread is threading.current_thread() or not thread.is_alive()
 
     def has_synced(self) -> bool:
@@ -297,13 +307,13 @@ class Informer:
         return self._synced.is_set()
 
     def wait_until_synced(self, timeout: float) -> bool:
-        """Block until synced, stopped, or ``timeout`` seconds passed."""
-        deadline = time.monotonic() + timeout
+        """Block until synced, stopped, or ``timeout`` seconds of the informer's clock passed."""
+        deadline = self._clock.monotonic() + timeout
         while not self._synced.is_set():
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock.monotonic()
             if remaining <= 0 or self._stop.is_set():
                 return self._synced.is_set()
-            self._synced.wait(min(remaining, 0.1))
+            self._clock.wait(self._synced, min(remaining, 0.1))
         return True
 
     def status(self) -> InformerStatus:

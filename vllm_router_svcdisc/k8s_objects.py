@@ -1,4 +1,4 @@
-"""Raw API objects (JSON dicts) reduced to the few fields discovery needs.
+"""Internal: raw API objects (JSON dicts) reduced to the few fields discovery needs.
 
 Parsing is defensive: the API server may send ``null`` for empty lists and a hostile or broken
 object may lack anything.  A field that is missing gets Kubernetes' documented default; an

@@ -1,4 +1,5 @@
-"""Discovery's own per-pod liveness loop, and the glue between health records and the policy.
+"""Internal: discovery's own per-pod liveness loop, and the glue between health records and
+the policy.
 
 Every ready pod is a key of one :class:`~vllm_router_svcdisc.poller.Poller`.  A check is one
 keep-alive ``GET /health`` (``/metrics`` every ``progress_interval``, which also says whether

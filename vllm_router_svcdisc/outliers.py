@@ -1,6 +1,6 @@
-"""The outlier policy: which pods leave the routable pod set, and for how long.  Pure functions
-of :class:`~vllm_router_svcdisc.poller.PodHealth` records, a config and a time, so every rule
-is unit-tested on hand-made records (no clock, no I/O).
+"""Internal: the outlier policy: which pods leave the routable pod set, and for how long.
+Pure functions of :class:`~vllm_router_svcdisc.poller.PodHealth` records, a config and a time,
+so every rule is unit-tested on hand-made records (no clock, no I/O).
 
 Rules (defaults in :class:`OutlierConfig`; docs/architecture.md says why):
 

@@ -1,5 +1,5 @@
-"""One per-pod loop, and each pod's health record: what the prober, the scraper and discovery's
-liveness checks are built on.
+"""Internal: one per-pod loop, and each pod's health record: what the prober, the scraper and
+discovery's liveness checks are built on.
 
 :class:`Poller` composes a :class:`~vllm_router_svcdisc.workqueue.WorkQueue` (keys are pod
 URLs) with a bounded set of workers, in the manner of a client-go controller: a worker takes a

@@ -1,4 +1,4 @@
-"""``GET /v1/models`` of every ready pod, off the informer threads.
+"""Internal: ``GET /v1/models`` of every ready pod, off the informer threads.
 
 Why per pod and not through the Service's DNS name: a pooled keep-alive connection through a
 Service VIP is pinned by kube-proxy to one pod, so a probe through the name keeps seeing that

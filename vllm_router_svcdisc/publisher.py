@@ -1,4 +1,4 @@
-"""The snapshot readers take: immutable, swapped in by one reference write.
+"""Internal: the snapshot readers take: immutable, swapped in by one reference write.
 
 :class:`SnapshotPublisher` keeps what a snapshot hands out (the Service views, the routable
 Services, the pods, the known models) in step with the per-Service views at the cost of the

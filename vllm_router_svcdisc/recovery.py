@@ -1,4 +1,5 @@
-"""Recovery detection: one cheap ``/readyz`` poller per API client ends informers' backoff waits.
+"""Internal: recovery detection: one cheap ``/readyz`` poller per API client ends informers'
+backoff waits.
 
 An informer that cannot reach the API server, or gets errors from it, backs off exponentially
 (client-go's 0.8 s doubling to 30 s).  Without help it learns that the server is back only when

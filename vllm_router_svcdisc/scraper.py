@@ -1,4 +1,4 @@
-"""EngineStatsScraper: every ready pod's ``/metrics``, aggregated per Service.
+"""Internal: EngineStatsScraper: every ready pod's ``/metrics``, aggregated per Service.
 
 Pods are keys of one :class:`~vllm_router_svcdisc.workqueue.WorkQueue`, served by a bounded
 set of worker threads: a pod is never scraped twice at once, a healthy pod comes back one
@@ -26,8 +26,8 @@ from prometheus_client import Counter, Histogram
 from .backoff import BackoffPolicy
 from .clock import SYSTEM_CLOCK, Clock
 from .http import EngineCallError, EnginePool, expect_ok, fetch
+from .metric_names import PREFIX
 from .poller import FAILED, GONE, Failure, HealthBook, Poller, Step
-from .telemetry import PREFIX
 from .types import EngineStats, PodEndpoint
 from .vllm_metrics import (
     MetricsParseError,
@@ -138,9 +138,11 @@ class EngineStatsScraper:
     """Scrapes ``http://<pod ip>:<pod port>/metrics`` of every ready pod discovery knows.
 
     Timing and bounds come from ``config`` (a :class:`ScrapeConfig`); ``scrape_interval`` and
-    the keyword arguments ``timeout``, ``stale_after`` (= ``ScrapeConfig.expire_after``),
+    the keyword arguments ``timeout``, ``expire_after`` (or its older name ``stale_after``),
     ``workers``, ``max_bytes``, ``attempts`` and ``keepalive_hosts`` override its fields, so
     production-stack's ``EngineStatsScraper(discovery, scrape_interval=...)`` works unchanged.
+    Two ages, two names: stats older than :attr:`stale_age` are counted stale; stats older than
+    :attr:`expire_after` (the TTL) are dropped.
     ``clock`` is the time every rule reads (sample times, TTLs, ages, the poller); with
     ``start=False`` no thread runs and :meth:`cycle` drives it (fake-clock tests).  When the
     discovery keeps health records (``health_book``), every scrape result feeds them, and a
@@ -159,6 +161,7 @@ class EngineStatsScraper:
         *,
         config: ScrapeConfig | None = None,
         timeout: float | None = None,
+        expire_after: float | None = None,
         stale_after: float | None = None,
         workers: int | None = None,
         max_bytes: int | None = None,
@@ -169,8 +172,11 @@ class EngineStatsScraper:
         clock: Clock = SYSTEM_CLOCK,
         start: bool = True,
     ) -> None:
+        if expire_after is not None and stale_after is not None and expire_after != stale_after:
+            raise ValueError("expire_after and its alias stale_after disagree; pass one")
+        expire_after = expire_after if expire_after is not None else stale_after
         overrides: dict[str, Any] = {name: value for name, value in (
-            ("interval", scrape_interval), ("timeout", timeout), ("expire_after", stale_after),
+            ("interval", scrape_interval), ("timeout", timeout), ("expire_after", expire_after),
             ("workers", workers), ("max_bytes", max_bytes), ("attempts", attempts),
             ("keepalive_hosts", keepalive_hosts)) if value is not None}
         config = replace(config or ScrapeConfig(), **overrides)
@@ -230,7 +236,7 @@ class EngineStatsScraper:
     @property
     def stale_after(self) -> float:
         """The older name of :attr:`expire_after` (the TTL of a pod's last good stats), kept
-        as an alias: ``stale_after=`` is still accepted by the constructor."""
+        as an alias, as ``stale_after=`` is in the constructor.  Not :attr:`stale_age`."""
         return self.expire_after
 
     def _health(self) -> HealthBook | None:

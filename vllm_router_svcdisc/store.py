@@ -1,4 +1,5 @@
-"""The keyed store of Services and endpoint slices, indexed by Service (client-go's Indexer).
+"""Internal: the keyed store of Services and endpoint slices, indexed by Service (client-go's
+Indexer).
 
 Not thread-safe on its own: the cache's lock guards it.  Each write returns the Services it
 touched, so only their views are rebuilt.

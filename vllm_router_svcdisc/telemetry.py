@@ -1,7 +1,11 @@
-"""Prometheus metrics about discovery itself (not the engines' own metrics).
+"""Internal: Prometheus metrics about discovery itself (not the engines' own metrics).
 
-A custom collector reads the informers', the cache's and the scraper's counters when Prometheus
-scrapes, so nothing is instrumented on the hot paths and nothing can drift out of step.
+A custom collector reads discovery's own counters (informers, cache, model prober, liveness
+checks, outlier policy) and the scraper's stats when Prometheus scrapes, so none of those is
+instrumented on a hot path and nothing can drift out of step.  The one exception is the
+scraper's scrape duration histogram and failure counter: the scraper observes them after each
+pod scrape (``scraper.ScrapeTelemetry``, on no registry) and the collector exposes them with
+the rest.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
+from .metric_names import PREFIX
+
+if TYPE_CHECKING:  # one direction only: neither module imports this one
     from .discovery import K8sServiceDiscovery
     from .scraper import EngineStatsScraper
 
-PREFIX = "vllm_svcdisc"
+__all__ = ["PREFIX", "DiscoveryCollector", "Sources", "register_metrics", "serve_metrics"]
 
 
 Sources = Callable[[], "tuple[K8sServiceDiscovery | None, EngineStatsScraper | None]"]

@@ -1,4 +1,4 @@
-"""Public records: what discovery and scraping hand to a router.
+"""Internal: the records discovery and scraping hand to a router (public from the root).
 
 Field names follow production-stack's ``EndpointInfo``, ``ModelInfo`` and ``EngineStats`` so
 its routers work unchanged; everything we add has a default.  Instances inside a published

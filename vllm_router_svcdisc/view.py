@@ -1,4 +1,4 @@
-"""One Service's view, built from its own records only.
+"""Internal: one Service's view, built from its own records only.
 
 :func:`build_view` is a pure function (no lock, no I/O, no clock): the cache calls it for each
 Service a change touches, and the unit tests call it directly with hand-written records for

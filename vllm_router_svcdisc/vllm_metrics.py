@@ -1,4 +1,4 @@
-"""Turn a vLLM ``/metrics`` page into load figures: one pod, then a whole Service.
+"""Internal: turn a vLLM ``/metrics`` page into load figures: one pod, then a whole Service.
 
 Pure functions (no I/O, no threads) so the scraper thread stays thin and every rule here can be
 tested against plain text.  The rules, and why:

@@ -1,4 +1,4 @@
-"""A keyed, rate-limited work queue in the shape of client-go's ``util/workqueue``.
+"""Internal: a keyed, rate-limited work queue in the shape of client-go's ``util/workqueue``.
 
 Why a queue of keys rather than a schedule of tasks: a key (a pod's URL) is the unit of work, so
 it is never processed by two workers at once, a key added again while it waits is coalesced

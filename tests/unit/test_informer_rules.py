@@ -14,6 +14,7 @@ import pytest
 import urllib3
 from kubernetes.client import ApiException
 
+from vllm_router_svcdisc.backoff import BackoffPolicy
 from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.informer import (
     MIN_HEALTHY_WATCH_SECONDS,
@@ -325,3 +326,28 @@ def test_after_a_silent_watch_an_open_watch_is_no_proof_until_something_arrives(
     informer.run()
     assert seen[0].error_since is not None  # open 60 s after a silence: still failing
     assert informer.status().error_since is None  # the bookmark was real progress
+
+
+def test_wait_until_synced_and_stop_read_the_informers_clock() -> None:
+    clock = FakeClock(start=100.0)
+    informer = Informer("services", lambda **_: None, lambda changes: None, config=CONFIG,
+                        clock=clock)  # never started: it never syncs
+    assert informer.wait_until_synced(5.0) is False
+    assert clock.now == pytest.approx(105.0)  # the timeout ran out in fake time, not real time
+    assert sum(clock.waits) == pytest.approx(5.0)
+    assert informer.stop(timeout=2.0)
+    assert informer.wait_until_synced(5.0) is False  # stopped: no wait at all
+    assert clock.now == pytest.approx(105.0)
+
+
+def test_the_error_backoff_is_a_backoff_policy_value() -> None:
+    assert CONFIG.backoff is None and CONFIG.backoff_policy == BackoffPolicy()  # client-go's
+    older = InformerConfig(backoff_initial=0.05, backoff_cap=0.5, backoff_reset_after=9.0)
+    assert older.backoff_policy == BackoffPolicy(initial=0.05, cap=0.5, reset_after=9.0)
+    policy = BackoffPolicy(initial=2.0, factor=3.0, jitter=0.0, cap=18.0, reset_after=60.0)
+    config = InformerConfig(backoff_initial=0.05, backoff=policy)  # the value wins
+    assert config.backoff_policy is policy
+    informer = Informer("services", lambda **_: None, lambda changes: None, config=config,
+                        clock=FakeClock())
+    assert informer._error_backoff.policy is policy
+    assert informer._short_watch_backoff.policy.reset_after == 60.0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import pytest
+
 from tests.unit.driving import drive
 from vllm_router_svcdisc.backoff import BackoffPolicy
 from vllm_router_svcdisc.clock import FakeClock
@@ -117,3 +119,17 @@ def test_old_keyword_arguments_still_configure_the_scraper() -> None:
                                           workers=3, attempts=1)
     assert scraper.stale_age == 2 * 2.0 + 1.5
     scraper.close()
+
+
+def test_expire_after_is_the_ttl_and_stale_after_its_older_name() -> None:
+    discovery = types.SimpleNamespace(get_snapshot=lambda: None)
+    new = EngineStatsScraper(discovery, 2.0, timeout=1.5, expire_after=9.0, start=False)
+    old = EngineStatsScraper(discovery, 2.0, timeout=1.5, stale_after=9.0, start=False)
+    assert new.config == old.config and new.config.expire_after == 9.0
+    assert (new.expire_after, new.stale_after, new.stale_age) == (9.0, 9.0, 2 * 2.0 + 1.5)
+    both = EngineStatsScraper(discovery, expire_after=9.0, stale_after=9.0, start=False)
+    assert both.expire_after == 9.0
+    with pytest.raises(ValueError, match="stale_after"):
+        EngineStatsScraper(discovery, expire_after=9.0, stale_after=5.0, start=False)
+    for scraper in (new, old, both):
+        scraper.close()
