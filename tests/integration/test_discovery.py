@@ -6,6 +6,7 @@ with what the simulator knows to be true.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,12 +14,13 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import FAST_INFORMER, wait_for
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
 from vllm_router_svcdisc.sim.cluster import DEFAULT_MODEL, SimCluster
 from vllm_router_svcdisc.sim.engine import EngineMode
 
 APP_VLLM = {"app": "vllm"}
+LONG_WATCHES = dataclasses.replace(FAST_INFORMER, watch_timeout_range=(300, 301))
 
 # --- truth from the simulator and what discovery reports -------------------------------------
 
@@ -435,7 +437,9 @@ def test_too_many_requests_on_watch_is_retried(cluster, make_discovery):
 
 def test_malformed_watch_event_is_skipped(cluster, make_discovery):
     cluster.add_service("vllm-a")
-    discovery = make_discovery(cluster)
+    # A raw line goes only to the watches open when it is injected: with the usual 5-6 s
+    # watches, one could end (server timeout) between the wait below and the injection.
+    discovery = make_discovery(cluster, informer_config=LONG_WATCHES)
     wait_converged(discovery, cluster)
     assert cluster.api.wait_for_watches(2, timeout=5)
 

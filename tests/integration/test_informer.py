@@ -331,7 +331,9 @@ def test_too_many_requests_with_the_default_client_also_waits(cluster, start_inf
 
 def test_malformed_watch_lines_are_skipped_and_counted(cluster, start_informer):
     cluster.api.put("services", service("a"))
-    informer, recorder = start_informer()
+    # raw lines reach only the watch open at injection: no server timeout may end it first
+    config = dataclasses.replace(FAST_INFORMER, watch_timeout_range=(300, 301))
+    informer, recorder = start_informer(config=config)
 
     cluster.api.inject_raw_line(b"{this is not json", resource="services")
     cluster.api.inject_raw_line(b'{"type": "ADDED", "object": "not an object"}',
