@@ -562,6 +562,10 @@ def test_restart_same_port_keeps_store_and_client_works(
     consumer = Consumer(core.list_namespaced_service, "default", timeout_seconds=30)
     consumer.start()
     assert server.wait_for_watches(1)
+    # The server registers a watch before its response headers leave: a restart then would
+    # cut a request, which urllib3 resends to the new server, not a stream.  Wait until the
+    # client holds the stream (its first event, the ADDED of "a", arrived).
+    wait_for(lambda: consumer.events, 5, "the watch stream never reached the client")
     started = time.monotonic()
     server.restart()
     assert time.monotonic() - started < 2
