@@ -406,6 +406,9 @@ def test_forbidden_makes_health_false_naming_rbac_then_recovers(cluster, make_di
     cluster.add_service("vllm-a")
     discovery = make_discovery(cluster)
     wait_converged(discovery, cluster)
+    # an informer marks itself synced after its LIST reached the cache: the converged view
+    # can come first, so wait for the health that is asserted
+    wait_for(discovery.get_health, 5, lambda: str(discovery.health()))
     assert discovery.get_health()
 
     cluster.api.fail_for(60, 403)
