@@ -17,8 +17,11 @@ from vllm_router_svcdisc.sim.engine import EngineMode
 SLOW_PROBE = dataclasses.replace(FAST_PROBE, timeout=30.0, attempts=1)
 
 
-def _library_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("svcdisc-") and t.is_alive()]
+def _library_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """Library threads started since ``before`` was taken: this test's, not a leftover of an
+    earlier test still winding down on its own schedule."""
+    return [t for t in threading.enumerate()
+            if t.name.startswith("svcdisc-") and t.is_alive() and t not in before]
 
 
 def _requests(cluster: SimCluster, path: str) -> int:
@@ -26,17 +29,19 @@ def _requests(cluster: SimCluster, path: str) -> int:
 
 
 def test_discovery_close_ends_a_probe_blocked_on_a_black_hole(cluster, make_discovery) -> None:
+    before = set(threading.enumerate())
     cluster.add_service("hole", replicas=1)
     for pod in cluster.pods("hole"):
         pod.engine.mode = EngineMode.BLACKHOLE
     discovery = make_discovery(cluster, probe_config=SLOW_PROBE)
     wait_for(lambda: _requests(cluster, "/v1/models") >= 1, 10.0, "no probe reached the engine")
-    assert any(t.name.startswith("svcdisc-probe") for t in _library_threads())
+    assert any(t.name.startswith("svcdisc-probe") for t in _library_threads(before))
     discovery.close()
-    assert _library_threads() == []
+    assert _library_threads(before) == []
 
 
 def test_scraper_close_ends_a_scrape_blocked_on_a_black_hole(cluster, make_discovery) -> None:
+    before = set(threading.enumerate())
     cluster.add_service("hole", replicas=1)
     discovery = make_discovery(cluster)
     wait_for(lambda: discovery.get_endpoint_info(), 10.0, "the Service never became routable")
@@ -46,19 +51,20 @@ def test_scraper_close_ends_a_scrape_blocked_on_a_black_hole(cluster, make_disco
     wait_for(lambda: _requests(cluster, "/metrics") >= 1, 10.0, "no scrape reached the engine")
     scraper.close()
     discovery.close()
-    assert _library_threads() == []
+    assert _library_threads(before) == []
 
 
 def test_discovery_close_ends_the_recovery_checker_during_an_outage(
         cluster, make_discovery) -> None:
     from tests.integration.test_recovery import RECOVERY, client
 
+    before = set(threading.enumerate())
     cluster.add_service("ok", replicas=1)
     discovery = make_discovery(cluster, api_client=client(cluster), informer_config=RECOVERY)
     assert discovery.wait_until_synced(5)
     cluster.api.fail_for(60, 500)  # list, watch and /readyz: the informers wait in backoff
     cluster.api.cut_watches()
-    wait_for(lambda: any(t.name == "svcdisc-recovery" for t in _library_threads()), 10.0,
+    wait_for(lambda: any(t.name == "svcdisc-recovery" for t in _library_threads(before)), 10.0,
              "no recovery checker thread")
     discovery.close()
-    assert _library_threads() == []
+    assert _library_threads(before) == []

@@ -6,6 +6,7 @@ with what the simulator knows to be true.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,12 +14,13 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import FAST_INFORMER, wait_for
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
 from vllm_router_svcdisc.sim.cluster import DEFAULT_MODEL, SimCluster
 from vllm_router_svcdisc.sim.engine import EngineMode
 
 APP_VLLM = {"app": "vllm"}
+LONG_WATCHES = dataclasses.replace(FAST_INFORMER, watch_timeout_range=(300, 301))
 
 # --- truth from the simulator and what discovery reports -------------------------------------
 
@@ -295,6 +297,10 @@ def test_address_in_two_slices_is_listed_once(cluster, make_discovery):
     })
     wait_for(lambda: discovery.informer_status()[1].events_by_type.get("ADDED", 0) >= 1, 5,
              "the extra slice was not delivered")
+    # The event is counted before it is applied: wait until the cache holds the extra slice
+    # (its view is published under the same lock), so the view below includes it.
+    wait_for(lambda: discovery._cache.sizes()["slices"] == 2, 5,
+             lambda: f"cache sizes {discovery._cache.sizes()}")
     wait_converged(discovery, cluster)
     view = discovery.get_service_status()["default/vllm-a"]
     assert sorted(p.ip for p in view.pods) == sorted(p.ip for p in cluster.pods("vllm-a"))
@@ -338,6 +344,11 @@ def test_service_deleted_while_disconnected_and_compacted_disappears(cluster, ma
              lambda: state(discovery))
     wait_converged(discovery, cluster)
     assert service_urls(discovery) == [cluster.url_of("vllm-a")]
+    # The Service's removal is the Services informer's re-LIST; the endpoints informer
+    # re-lists on its own thread, maybe later: wait for each count that is asserted.
+    wait_for(lambda: all(s.relists_by_cause.get("expired", 0) >= 1
+                         for s in discovery.informer_status()), 10,
+             lambda: f"relists {[s.relists_by_cause for s in discovery.informer_status()]}")
     services, endpoints = discovery.informer_status()
     assert services.relists_by_cause.get("expired", 0) >= 1
     assert endpoints.relists_by_cause.get("expired", 0) >= 1
@@ -395,6 +406,9 @@ def test_forbidden_makes_health_false_naming_rbac_then_recovers(cluster, make_di
     cluster.add_service("vllm-a")
     discovery = make_discovery(cluster)
     wait_converged(discovery, cluster)
+    # an informer marks itself synced after its LIST reached the cache: the converged view
+    # can come first, so wait for the health that is asserted
+    wait_for(discovery.get_health, 5, lambda: str(discovery.health()))
     assert discovery.get_health()
 
     cluster.api.fail_for(60, 403)
@@ -426,7 +440,9 @@ def test_too_many_requests_on_watch_is_retried(cluster, make_discovery):
 
 def test_malformed_watch_event_is_skipped(cluster, make_discovery):
     cluster.add_service("vllm-a")
-    discovery = make_discovery(cluster)
+    # A raw line goes only to the watches open when it is injected: with the usual 5-6 s
+    # watches, one could end (server timeout) between the wait below and the injection.
+    discovery = make_discovery(cluster, informer_config=LONG_WATCHES)
     wait_converged(discovery, cluster)
     assert cluster.api.wait_for_watches(2, timeout=5)
 
@@ -506,6 +522,10 @@ def test_endpoints_fallback_when_endpointslices_are_not_served(cluster, make_dis
     cluster.add_service("vllm-b", replicas=1)
     discovery = make_discovery(cluster)
     wait_converged(discovery, cluster)
+    # The endpoints WATCH is sent after the LIST was applied, maybe after the probes made
+    # the pods routable: wait for the request that is asserted.
+    wait_for(lambda: cluster.api.request_counts().get(("watch", "endpoints"), 0) >= 1, 5,
+             lambda: f"requests {cluster.api.request_counts()}")
     counts = cluster.api.request_counts()
     assert counts.get(("list", "endpoints"), 0) >= 1
     assert counts.get(("watch", "endpoints"), 0) >= 1
@@ -728,6 +748,8 @@ def test_concurrent_readers_never_see_a_torn_snapshot(cluster, make_discovery):
                 cluster.delete_service(f"vllm-c{i - 1}")
             cluster.reschedule(cluster.pods("vllm-a")[0])
         wait_converged(discovery, cluster, timeout=15)
+        # the readers' count grows on their own threads: wait for it, not for convergence
+        wait_for(lambda: reads[0] > 100 or problems, 10, lambda: f"{reads[0]} reads")
     finally:
         stop.set()
         for thread in readers:

@@ -224,6 +224,10 @@ def test_bookmarks_advance_the_resource_version_without_events(cluster, start_in
     bookmarks = informer.status().events_by_type.get("BOOKMARK", 0)
     wait_for(lambda: informer.status().events_by_type.get("BOOKMARK", 0) >= bookmarks + 2, 5,
              "no bookmarks arrived")
+    # A bookmark read late may have been written before the changes above: wait until one
+    # carrying the server's RV was applied (the reopen below depends on it).
+    wait_for(lambda: informer._last_rv == str(target_rv), 5,
+             lambda: f"informer RV {informer._last_rv}, server RV {target_rv}")
 
     assert recorder.batches == batches_after_list  # a bookmark is not a change
     # If the informer's RV advanced to the bookmark's, a watch reopened after compaction
@@ -327,7 +331,9 @@ def test_too_many_requests_with_the_default_client_also_waits(cluster, start_inf
 
 def test_malformed_watch_lines_are_skipped_and_counted(cluster, start_informer):
     cluster.api.put("services", service("a"))
-    informer, recorder = start_informer()
+    # raw lines reach only the watch open at injection: no server timeout may end it first
+    config = dataclasses.replace(FAST_INFORMER, watch_timeout_range=(300, 301))
+    informer, recorder = start_informer(config=config)
 
     cluster.api.inject_raw_line(b"{this is not json", resource="services")
     cluster.api.inject_raw_line(b'{"type": "ADDED", "object": "not an object"}',
@@ -433,6 +439,9 @@ def test_in_stream_error_events_keep_the_error_clock_running(
              lambda: str(discovery.health()))
     health = discovery.health()
     assert not health.healthy and str(code) in " ".join(health.reasons), health
+    # health names the first informer to fail; the other one fails on its own thread
+    wait_for(lambda: all(s.short_watches >= 1 for s in discovery.informer_status()), 5,
+             lambda: str(discovery.informer_status()))
     services, endpoints = discovery.informer_status()
     assert services.short_watches >= 1 and endpoints.short_watches >= 1
     cluster.add_service("vllm-late", replicas=1)
@@ -487,6 +496,8 @@ def test_resource_version_too_large_relists_from_scratch(cluster, start_informer
     cluster.api.cut_watches()
     cluster.api.put("services", service("after-504"))
     wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+    # the re-LIST is counted after its items were handed to the handler
+    wait_for(lambda: informer.status().lists == 2, 5, lambda: str(informer.status()))
     status = informer.status()
     assert status.relists_by_cause.get("rv_too_large") == 1, status
     assert status.lists == 2 and status.last_error is None

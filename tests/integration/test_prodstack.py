@@ -197,6 +197,11 @@ def test_reconfigure_moves_the_scraper_to_the_new_discovery_and_leaves_no_old_th
                  lambda: f"old discovery threads alive: {[t for t in old_threads if t.is_alive()]}")
         assert modules["vllm_router.stats.engine_stats"].get_engine_stats_scraper() is scraper
         assert installation.current_discovery() is new
+        # the new discovery's informers mark themselves synced (what health reads) after
+        # their LISTs reached the cache: its endpoints can be served first
+        wait_for(lambda: _svcdisc_lines(router.get("/metrics").text, "healthy")
+                 == ["vllm_svcdisc_healthy 1.0"], 10.0,
+                 lambda: f"{_svcdisc_lines(router.get('/metrics').text, 'healthy')}")
         page = router.get("/metrics").text
         assert _svcdisc_lines(page, "healthy") == ["vllm_svcdisc_healthy 1.0"]
         assert _svcdisc_lines(page, "ready_pods") == ["vllm_svcdisc_ready_pods 3.0"]

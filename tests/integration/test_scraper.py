@@ -117,7 +117,10 @@ def test_dp2_ranks_sum_per_pod_and_per_service(cluster: SimCluster, make_discove
     assert stats.gpu_cache_usage_perc == pytest.approx(0.5)  # mean over pods
     assert stats.gpu_cache_usage_perc_max == pytest.approx(0.75)
     assert (stats.pods_failed, stats.pods_stale) == (0, 0)
-    assert scraper.get_pod_engine_stats()[first.engine.url].num_running_requests == 3
+    # the per-pod map is another published snapshot (its TTL runs on its own): wait on it
+    pod = wait_for(lambda: scraper.get_pod_engine_stats().get(first.engine.url), 10,
+                   lambda: f"pod keys {sorted(scraper.get_pod_engine_stats())}")
+    assert pod.num_running_requests == 3
 
 
 def test_legacy_and_current_names_give_the_same_stats(cluster: SimCluster, make_discovery: Any,
@@ -260,6 +263,9 @@ def test_bad_pods_do_not_stall_healthy_ones(cluster: SimCluster, make_discovery:
     wait_for(refreshed_eight_times, 20.0,
              lambda: f"samples seen per healthy pod: { {u: len(t) for u, t in seen.items()} }")
     assert scraper.get_health()
+    # each engine counts a request when its handler thread reads it, not when the scrape fails
+    wait_for(lambda: all(p.engine.request_counts().get("/metrics", 0) >= 1 for p in bad[:4]),
+             5, lambda: f"{[p.engine.request_counts() for p in bad[:4]]}")
     assert all(p.engine.request_counts().get("/metrics", 0) >= 1 for p in bad[:4])
 
 
@@ -491,6 +497,8 @@ def test_concurrent_readers_never_raise(cluster: SimCluster, make_discovery: Any
         cluster.scale("vllm-r", 1)
         _wait_pods(scraper, _urls(cluster.pods("vllm-r")))
         _fresh_cycles(scraper, url, 2)
+        # the read count grows on the reader threads: wait for it, not for the scrapes
+        wait_for(lambda: reads[0] > 100 or errors, 10, lambda: f"{reads[0]} reads")
     finally:
         stop.set()
         for t in threads:

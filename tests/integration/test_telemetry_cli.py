@@ -41,6 +41,20 @@ def test_self_metrics_report_informers_cache_and_scrapes(cluster, make_discovery
                 ("vllm_svcdisc_scrape_failures_total", (("cause", "parse"),)), 0) > 0
 
         wait_for(parse_failure_counted, message="garbage /metrics counted as a parse failure")
+
+        def settled() -> bool:
+            # produced by other threads than the scrapes waited on above: alpha's probe makes
+            # it routable, beta's failed probe is counted by the prober, each informer's WATCH
+            # request follows its LIST, and a pod's stats expire if a scrape comes late
+            got = _samples(registry)
+            return (got.get(("vllm_svcdisc_routable_services", ())) == 1
+                    and got.get(("vllm_svcdisc_model_probe_failures_total", ()), 0) >= 1
+                    and got.get(("vllm_svcdisc_scraped_pods", ())) == 2
+                    and all(got.get(("vllm_svcdisc_informer_api_requests_total",
+                                     (("resource", r),)), 0) >= 2
+                            for r in ("services", "endpointslices")))
+
+        wait_for(settled, message=lambda: f"samples: {_samples(registry)}")
         samples = _samples(registry)
         for resource in ("services", "endpointslices"):
             assert samples[("vllm_svcdisc_informer_synced", (("resource", resource),))] == 1

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.reliability import (
+    LIBRARY_LOGGER,
     SCRAPE_TIMEOUT,
     Harness,
     RawServer,
@@ -195,6 +196,28 @@ def assert_service_fault_contained(harness: Harness, key: str, reason_part: str,
     wait_for(lambda: reason_part in reason(), 10, lambda: f"{key}: {reason()!r}")
     name = key.split("/", 1)[1]
     assert harness.cluster.url_of(name) not in {e.url for e in discovery.get_endpoint_info()}
+
+    def every_probe_logged() -> bool:
+        """Each probe target of the Service (its ready pods, its name) reported and logged.
+
+        The reason waited on above comes from one target; the others are probed by other
+        workers and may report later (a new Service's pod after its name check), and a worker
+        logs a change after queuing the result the view shows: a line can follow the reason.
+        """
+        view = discovery.get_service_status().get(key)
+        if view is None:
+            return False
+        caplog = harness.caplog  # lines of the fixture's phase too: a target's first report
+        lines = [r.getMessage() for r in (*caplog.get_records("setup"), *caplog.records)
+                 if r.name == f"{LIBRARY_LOGGER}.probe" and key in r.getMessage()]
+        pods = all(p.url in view.pod_probes and any(p.url in line for line in lines)
+                   for p in view.ready_pods)
+        named = any(line.startswith((f"the name of service {key} ", f"service {key}: "))
+                    for line in lines)
+        return pods and named and (not failing or bool(harness.records(key, logging.WARNING)))
+
+    wait_for(every_probe_logged, 10,
+             lambda: f"probes not all logged: {[r.getMessage() for r in harness.records(key)]}")
     logged = len(harness.records(key))
     done = discovery.probe_counts()[0]
     wait_for(lambda: discovery.probe_counts()[0] >= done + probes, 10, "no probe retries")

@@ -176,6 +176,10 @@ def test_forbidden_403_starts_and_stops_by_itself_health_follows_logs_once(harne
     # ... and recovery without anyone clearing the fault.
     wait_for(discovery.get_health, 10, lambda: str(discovery.health()))
     harness.wait_exact()
+    # each informer logs "healthy again" after it cleared the error health reads
+    wait_for(lambda: all(harness.records(f"{r}: list/watch healthy again")
+                         for r in ("services", "endpointslices")), 5,
+             lambda: str([r.getMessage() for r in harness.records("list/watch")]))
     for resource in ("services", "endpointslices"):
         failing = harness.records(f"{resource}: list/watch failing", logging.ERROR)
         assert len(failing) == 1, [r.getMessage() for r in failing]

@@ -17,7 +17,6 @@ from tests.reliability import (
     engine_like,
     harnessed,
     http_response,
-    pace,
     replace_engine,
 )
 from vllm_router_svcdisc.cli import service_rows
@@ -181,6 +180,9 @@ def test_models_body_over_the_4_mib_cap_is_refused(cluster, caplog, framing):
             discovery.get_service_status().get("default/vllm-big").reason or "")
             if "default/vllm-big" in discovery.get_service_status() else False, 10,
             lambda: str(discovery.get_service_status()))
+        # vllm-a is routable once its own probe answered, which may come after vllm-big's
+        wait_for(lambda: [e.service_name for e in discovery.get_endpoint_info()] == ["vllm-a"],
+                 10, lambda: str(discovery.get_service_status()))
         assert [e.service_name for e in discovery.get_endpoint_info()] == ["vllm-a"]
         harness.finish()
 
@@ -200,6 +202,9 @@ def test_models_redirect_is_refused_and_the_key_goes_nowhere_else(cluster, caplo
             wait_for(lambda: raw.count("/v1/models") >= 3 and "redirect" in (
                 discovery.get_service_status()["default/vllm-moved"].reason or ""), 10,
                 lambda: str(discovery.get_service_status()))
+            # vllm-a is routable once its own probe answered (another worker, another pod)
+            wait_for(lambda: [e.service_name for e in discovery.get_endpoint_info()]
+                     == ["vllm-a"], 10, lambda: str(discovery.get_service_status()))
             assert [e.service_name for e in discovery.get_endpoint_info()] == ["vllm-a"]
             harness.finish()
         assert elsewhere.connections == 0, "the redirect was followed"
@@ -242,7 +247,14 @@ def test_engine_sessions_ignore_proxy_settings_from_the_environment(cluster, cap
         cluster.add_service("vllm-a", replicas=2)
         with harnessed(cluster, caplog, discovery_kwargs={"api_client": api_client}) as harness:
             harness.wait_exact()
-            pace(0.5)  # a few more scrape cycles that could go through the proxy
+            # a few more scrape cycles that could go through the proxy: wait for them to
+            # happen (each engine answers two more scrapes), not for a fixed time
+            pods = cluster.pods("vllm-a")
+            before = [p.engine.request_counts().get("/metrics", 0) for p in pods]
+            wait_for(lambda: all(p.engine.request_counts().get("/metrics", 0) >= n + 2
+                                 for p, n in zip(pods, before, strict=True)), 10,
+                     lambda: f"scrapes {[p.engine.request_counts() for p in pods]}, "
+                             f"before {before}")
             harness.wait_exact()
             harness.finish()
         assert proxy.connections == 0, proxy.paths()

@@ -15,6 +15,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from tests.conftest import wait_for
 from vllm_router_svcdisc.sim.apiserver import FakeApiServer, parse_go_bool
 from vllm_router_svcdisc.sim.selectors import SelectorError, parse_label_selector
 
@@ -249,9 +250,7 @@ def test_watch_from_future_rv_waits_for_events(
     assert server.wait_for_watches(1, "services")
     server.put("services", svc("b"))  # rv = future: not newer than asked, not sent
     server.put("services", svc("c"))
-    deadline = time.monotonic() + 5
-    while not consumer.events and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: consumer.events, 5, "no event arrived")
     consumer.watch.stop()
     consumer.join(5)
     assert summary(consumer.events) == [("ADDED", "c")]
@@ -475,9 +474,7 @@ def test_label_selector_on_live_watch(server: FakeApiServer, core: client.CoreV1
     server.put("services", svc("x", app="other"))
     server.put("services", svc("y", app="vllm"))
     server.put("services", svc("y", app="moved"))
-    deadline = time.monotonic() + 5
-    while len(consumer.events) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(consumer.events) >= 2, 5, lambda: f"events: {summary(consumer.events)}")
     consumer.watch.stop()
     consumer.join(5)
     assert summary(consumer.events) == [("ADDED", "y"), ("DELETED", "y")]
@@ -565,6 +562,10 @@ def test_restart_same_port_keeps_store_and_client_works(
     consumer = Consumer(core.list_namespaced_service, "default", timeout_seconds=30)
     consumer.start()
     assert server.wait_for_watches(1)
+    # The server registers a watch before its response headers leave: a restart then would
+    # cut a request, which urllib3 resends to the new server, not a stream.  Wait until the
+    # client holds the stream (its first event, the ADDED of "a", arrived).
+    wait_for(lambda: consumer.events, 5, "the watch stream never reached the client")
     started = time.monotonic()
     server.restart()
     assert time.monotonic() - started < 2
@@ -750,9 +751,9 @@ def test_silent_watch_ends_when_the_server_stops() -> None:
     consumer = Consumer(api.list_namespaced_service, "default", timeout_seconds=30,
                         _request_timeout=(2, 30))
     consumer.start()
-    deadline = time.monotonic() + 5
-    while srv.request_counts().get(("watch", "services"), 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # the held connection must exist before the stop, else the test proves nothing
+    wait_for(lambda: srv.request_counts().get(("watch", "services"), 0) >= 1, 5,
+             lambda: f"requests: {srv.request_counts()}")
     srv.stop()
     consumer.join(5)
     assert not consumer.is_alive() and consumer.events == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import sys
 import threading
@@ -28,7 +29,9 @@ from vllm_router_svcdisc.sim.engine import (
 PORT = 18000
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _ip_lock = threading.Lock()
-_ip_next = [0]
+# a block of 1000 addresses per process (by PID), as the simulator's own pod IPs: concurrent
+# test processes started from the same address and collided (EADDRINUSE) in stress runs
+_ip_next = [(os.getpid() % 60) * 1000]
 
 
 def next_ip() -> str:

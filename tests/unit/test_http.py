@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.conftest import wait_for
 from vllm_router_svcdisc.http import EngineCallError, EnginePool, fetch
 
 Respond = Callable[[socket.socket], None]
@@ -161,9 +162,9 @@ def test_closing_the_pool_aborts_a_request_blocked_on_a_silent_engine(serve) -> 
 
     worker = threading.Thread(target=blocked)
     worker.start()
-    wait = time.monotonic() + 5
-    while not pool._in_flight and time.monotonic() < wait:
-        time.sleep(0.01)
+    # the abort is what is tested: wait (with a deadline) until the request is in flight;
+    # a close() before it would only test the refusal of a closed pool
+    wait_for(lambda: pool._in_flight, 5, "the request never got in flight")
     pool.close()
     worker.join(5)
     assert not worker.is_alive() and len(outcome) == 1
