@@ -40,12 +40,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ProbeTarget:
     """What the prober checks: a ready pod's ``/v1/models`` (its URL, its name and the Services
-    it is an endpoint of), or, ``kind="name"``, that a Service's URL resolves in DNS."""
+    it is an endpoint of), or, ``kind="name"``, that a Service's URL resolves in DNS.
+
+    ``fresh``: nothing usable is known of the pod's models (a new pod, a new address, or only
+    a failed probe), so it is not routable until probed: the prober puts it first.  A pod back
+    from a readiness blip, or one whose Services changed, keeps its models and is not.
+    """
 
     url: str
     pod_name: str | None
     services: tuple[str, ...]
     kind: str = "pod"
+    fresh: bool = True
 
 
 class DiscoveryCache:
@@ -264,7 +270,11 @@ class DiscoveryCache:
         for url in urls:
             services = self._services_of.get(url)
             if services:
-                targets.append(ProbeTarget(url, names.get(url), tuple(sorted(services))))
+                name = names.get(url)
+                probe = self._probes.get(url)
+                known = (probe is not None and probe.ok
+                         and (probe.pod_name is None or name is None or probe.pod_name == name))
+                targets.append(ProbeTarget(url, name, tuple(sorted(services)), fresh=not known))
                 self._departed.pop(url, None)  # back within the blip window: state kept
             else:
                 gone.append(url)
@@ -345,7 +355,8 @@ class DiscoveryCache:
 def _same_outcome(before: ModelProbe, after: ModelProbe) -> bool:
     """Whether a view would show the same: the same failure, or the same models (``created``
     is the time of the answer in vLLM's cards, so it is not compared)."""
-    if before.ok != after.ok or before.reason != after.reason:
+    if (before.ok != after.ok or before.reason != after.reason
+            or before.pod_name != after.pod_name):
         return False
     return _signature(before) == _signature(after)
 

@@ -189,8 +189,9 @@ class Liveness:
             status, body = self._get(url + path, progress)
             expect_ok(status, path)
             if progress:
-                tokens, running = parse_progress(body)
-                self.book.success(url, tokens=tokens, running=running)
+                reading = parse_progress(body)
+                self.book.success(url, tokens=reading.tokens, running=reading.running,
+                                  adapters=reading.adapters)
             else:
                 self.book.success(url)
             return True

@@ -89,9 +89,9 @@ class Poller(Generic[K]):
                 thread.start()
         return self
 
-    def add(self, key: K) -> None:
-        """Run ``key`` now (coalesced if already queued)."""
-        self.queue.add(key)
+    def add(self, key: K, *, urgent: bool = False) -> None:
+        """Run ``key`` now (coalesced if already queued); ``urgent``: before ordinary keys."""
+        self.queue.add(key, urgent=urgent)
 
     def add_after(self, key: K, delay: float) -> None:
         self.queue.add_after(key, delay)
@@ -226,6 +226,7 @@ class PodHealth:
     running: float = 0.0
     progress_read_at: float | None = None
     stuck_since: float | None = None
+    adapters: frozenset[str] = frozenset()  # LoRA adapters of running or waiting requests
     # the policy's state (written back by discovery's liveness loop)
     ejected_reason: str | None = None
     ejected_at: float | None = None
@@ -248,15 +249,19 @@ class HealthBook:
     """One :class:`PodHealth` per pod URL, shared by every source of results; thread-safe.
 
     ``on_change`` is called (outside the lock) with a URL whose record changed in a way the
-    policy may care about: discovery re-evaluates that pod.
+    policy may care about: discovery re-evaluates that pod.  ``on_adapters`` is called (outside
+    the lock) with a URL and the LoRA adapters its ``/metrics`` names when that set changed:
+    the model prober re-probes a pod that runs an adapter its last probe did not list.
     """
 
     def __init__(self, clock: Clock = SYSTEM_CLOCK,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None,
+                 on_adapters: Callable[[str, frozenset[str]], None] | None = None) -> None:
         self.clock = clock
         self._lock = threading.Lock()
         self._pods: dict[str, PodHealth] = {}
         self.on_change = on_change
+        self.on_adapters = on_adapters
 
     def __len__(self) -> int:
         return len(self._pods)
@@ -308,8 +313,11 @@ class HealthBook:
     # -- results -------------------------------------------------------------------------------
 
     def success(self, url: str, *, tokens: float | None = None, running: float | None = None,
-                at: float | None = None) -> None:
-        """An exchange with ``url`` succeeded; ``tokens``/``running`` when it read /metrics."""
+                adapters: frozenset[str] | None = None, at: float | None = None) -> None:
+        """An exchange with ``url`` succeeded; ``tokens``/``running``/``adapters`` when it read
+        /metrics."""
+        if adapters is not None:
+            self._note_adapters(url, adapters)
 
         def apply(record: PodHealth, now: float) -> bool:
             changed = bool(record.failures)
@@ -346,6 +354,15 @@ class HealthBook:
             return True
 
         self._update(url, at, apply)
+
+    def _note_adapters(self, url: str, adapters: frozenset[str]) -> None:
+        with self._lock:
+            record = self._pods.get(url)
+            if record is None or record.adapters == adapters:
+                return
+            record.adapters = adapters
+        if self.on_adapters is not None and adapters:
+            self.on_adapters(url, adapters)
 
     def _update(self, url: str, at: float | None,
                 apply: Callable[[PodHealth, float], bool]) -> None:

@@ -5,10 +5,22 @@ Service VIP is pinned by kube-proxy to one pod, so a probe through the name keep
 pod's models — after a rollout to a new model name the Service would advertise the old one
 for a whole interval, and a LoRA adapter loaded on some pods is seen or not by chance.
 
-Pods are keys of one :class:`~vllm_router_svcdisc.workqueue.WorkQueue`: a pod that becomes a
-ready endpoint is probed at once, then every ``interval``, or after its own backoff when its
-probe failed; a small set of workers does the HTTP calls, so a slow or dead engine costs only
-its own worker.  Results go back to the cache in batches (one publish for a wave of results).
+Probes follow change, not a timer alone.  Pods are keys of one
+:class:`~vllm_router_svcdisc.poller.Poller`:
+
+- a pod nobody has probed (a new pod, a new address) goes to the work queue's urgent lane, so
+  it is never queued behind re-probes — it is not routable until probed;
+- a pod back from a readiness blip keeps its models (it is routable at once) and is re-probed
+  soon, in the ordinary lane;
+- a pod whose ``/metrics`` shows requests for a LoRA adapter its last probe did not list
+  (``vllm:lora_requests_info``, read by scrapes and liveness checks) is re-probed at once;
+- everything else is re-probed in the background: at most ``max_background_rate`` probes a
+  second in all, each pod at most every ``interval`` (jittered), so at 100 000 pods a round
+  takes ``100 000 / max_background_rate`` seconds and costs the same per second as at 2 500;
+- a failed probe is retried after the pod's own backoff.
+
+A small set of workers does the HTTP calls, so a slow or dead engine costs only its own worker.
+Results go back to the cache in batches (one publish for a wave of results).
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import warnings
@@ -30,7 +43,7 @@ from .backoff import BackoffPolicy
 from .cache import ModelProbe, ProbeTarget
 from .clock import SYSTEM_CLOCK, Clock
 from .http import EngineCallError, EnginePool, expect_ok, fetch
-from .poller import FAILED, GONE, OK, HealthBook, Poller, Step
+from .poller import FAILED, GONE, HealthBook, Poller, Step
 from .types import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -48,20 +61,29 @@ PROBE_BACKOFF = BackoffPolicy(initial=0.5, factor=2.0, jitter=1.0, cap=30.0,
 class ProbeConfig:
     """Timing of model probes.
 
-    ``backoff`` paces a failing pod's next probes.  ``failure_backoff`` (first, max) is the
-    older spelling, accepted with a DeprecationWarning: it means ``BackoffPolicy(initial=
-    first / 2, factor=2, jitter=1, cap=max)``.
+    A pod is probed when it appears (first, before any re-probe), when it comes back from a
+    readiness blip, and when its ``/metrics`` names an adapter it did not list; in the
+    background each pod is re-probed every ``max(interval, pods / max_background_rate)``
+    seconds (jittered by ±10 %), which is how an adapter loaded or unloaded without a request
+    for it is seen.  ``backoff`` paces a failing pod's next probes.  ``failure_backoff``
+    (first, max) is the older spelling, accepted with a DeprecationWarning: it means
+    ``BackoffPolicy(initial=first / 2, factor=2, jitter=1, cap=max)``.
     """
 
-    interval: float = 30.0          # re-probe a healthy Service this often (adapters come and go)
+    interval: float = 30.0          # background re-probe of a pod at most this often
     timeout: float = 5.0            # per HTTP request
     attempts: int = 3               # tenacity attempts for transient failures
     retry_wait: float = 0.2
     failure_backoff: tuple[float, float] | None = None  # deprecated: use backoff
     workers: int = 8
     backoff: BackoffPolicy = PROBE_BACKOFF
+    max_background_rate: float = 50.0  # background re-probes per second, all pods together
 
     def __post_init__(self) -> None:
+        if not self.interval > 0 or not self.max_background_rate > 0:
+            raise ValueError("ProbeConfig needs interval > 0 and max_background_rate > 0")
+        if self.workers < 1 or self.attempts < 1 or not self.timeout > 0:
+            raise ValueError("ProbeConfig needs workers >= 1, attempts >= 1 and timeout > 0")
         if self.failure_backoff is not None:
             warnings.warn("ProbeConfig(failure_backoff=...) is deprecated: pass "
                           "backoff=BackoffPolicy(...)", DeprecationWarning, stacklevel=3)
@@ -161,8 +183,12 @@ class ModelProber:
         session: EnginePool | None = None,
         clock: Clock = SYSTEM_CLOCK,
         health: HealthBook | None = None,
+        fetch: Callable[[str], dict[str, ModelInfo]] | None = None,
     ) -> None:
+        """``fetch``: a pod URL's models (raising EngineCallError); the real one does HTTP,
+        unit tests script it."""
         self.config = config = config or ProbeConfig()
+        self._fetch = fetch or self._fetch_models
         self._record = record
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         # one probe per pod at a time; engines close idle connections long before the next
@@ -176,15 +202,21 @@ class ModelProber:
             attempts=config.attempts, within=None, wait=config.retry_wait,
             retry_if=lambda e: (isinstance(e, EngineCallError) and e.transient
                                 and not self._session.closed))
-        self._cond = threading.Condition()  # guards _targets, _results, _logged, counters
+        self._cond = threading.Condition()  # guards everything below, and the counters
         self._targets: dict[str, ProbeTarget] = {}
         self._results: list[tuple[str, ModelProbe]] = []
         self._logged: dict[str, str | None] = {}
+        self._models_of: dict[str, frozenset[str]] = {}  # pod URL -> ids its last probe listed
+        self._interned: dict[frozenset[str], frozenset[str]] = {}  # one set per distinct list
+        self._asked: dict[str, frozenset[str]] = {}  # pod URL -> adapters it was re-probed for
+        self._next_slot = 0.0  # the earliest time the next background re-probe may run
+        self._random = random.Random()
         self._stop = self._poller.stopping
         self._thread = threading.Thread(target=self._deliver_batches, name="svcdisc-prober",
                                         daemon=True)
         self.probes_total = 0
         self.failures_total = 0
+        self.adapter_reprobes_total = 0  # re-probes asked for by an unlisted adapter
 
     def __repr__(self) -> str:  # never show the key
         key = "set" if self._api_key else "unset"
@@ -196,20 +228,62 @@ class ModelProber:
         return self
 
     def schedule(self, targets: Sequence[ProbeTarget], gone: Sequence[str]) -> None:
-        """Called by the cache under its lock: probe these pods now, forget those.
+        """Called by the cache under its lock: these pods became (or stay, with other Services)
+        ready endpoints, those are no endpoint any more.
 
-        Only updates the prober's own state: never blocks, never calls back.
+        A fresh pod is probed first; a pod back from a blip soon after (it keeps its models
+        meanwhile); a pod that only changed Services keeps its schedule.  Only updates the
+        prober's own state: never blocks, never calls back.
         """
+        lanes: list[tuple[str, bool]] = []  # (URL, urgent)
         with self._cond:
             for target in targets:
+                tracked = target.url in self._targets
                 self._targets[target.url] = target
+                if target.kind == "pod" and target.fresh:
+                    lanes.append((target.url, True))
+                elif not tracked:
+                    lanes.append((target.url, False))
             for url in gone:
                 self._targets.pop(url, None)
                 self._logged.pop(url, None)
-        for target in targets:
-            self._poller.add(target.url)
+                self._models_of.pop(url, None)
+                self._asked.pop(url, None)
+        for url, urgent in lanes:
+            self._poller.add(url, urgent=urgent)
         for url in gone:
             self._poller.forget(url)
+
+    def adapters_seen(self, url: str, adapters: frozenset[str]) -> None:
+        """``url``'s ``/metrics`` names requests for these LoRA adapters: a pod running one its
+        last probe did not list is re-probed at once (once per new set of such adapters, so an
+        adapter ``/v1/models`` never lists costs one probe, not one per reading)."""
+        with self._cond:
+            listed = self._models_of.get(url)
+            if listed is None:
+                return  # not probed yet, or no pod of ours: its first probe is on its way
+            unlisted = adapters - listed
+            if not unlisted or unlisted <= self._asked.get(url, frozenset()):
+                return
+            self._asked[url] = unlisted | self._asked.get(url, frozenset())
+            self.adapter_reprobes_total += 1
+        log.info("pod %s runs LoRA adapter(s) %s it did not list: probing its models again",
+                 url, ", ".join(sorted(unlisted)))
+        self._poller.add(url, urgent=True)
+
+    def _background_delay(self) -> float:
+        """Seconds until a pod's next background re-probe: ``interval`` (±10 %), later when
+        the slots of ``max_background_rate`` are taken — but never later than one round of
+        every tracked pod at that rate, so slots of pods that left are not waited out."""
+        config = self.config
+        now = self._clock.monotonic()
+        spread = 0.9 + 0.2 * self._random.random()
+        with self._cond:
+            pods = len(self._targets)
+            latest = now + max(config.interval, pods / config.max_background_rate) * 1.1
+            due = min(max(now + config.interval * spread, self._next_slot), latest)
+            self._next_slot = due + 1.0 / config.max_background_rate
+        return due - now
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop every thread; probes in flight are aborted, not awaited."""
@@ -234,13 +308,13 @@ class ModelProber:
             result = resolve_name(url, self._clock)
         else:
             try:
-                models = fetch_models(self._session, url, self._api_key, self.config,
-                                      self._retrying)
-                result = ModelProbe(ok=True, models=models, time=self._clock.monotonic())
+                models = self._fetch(url)
+                result = ModelProbe(ok=True, models=models, time=self._clock.monotonic(),
+                                    pod_name=target.pod_name)
             except EngineCallError as exc:
                 failure = exc
                 result = ModelProbe(ok=False, reason=exc.reason, time=self._clock.monotonic(),
-                                    unreachable=exc.unreachable)
+                                    unreachable=exc.unreachable, pod_name=target.pod_name)
         if self._stop.is_set():
             return GONE
         with self._cond:
@@ -249,6 +323,11 @@ class ModelProber:
             if target.kind == "pod":
                 self.probes_total += 1
                 self.failures_total += not result.ok
+                if result.ok:
+                    ids = frozenset(result.models)
+                    self._models_of[url] = self._interned.setdefault(ids, ids)
+                    if len(self._interned) > 4096:  # a bound, whatever adapters come and go
+                        self._interned.clear()
             self._results.append((url, result))
             self._cond.notify()
             changed = self._logged.get(url, "<new>") != result.reason
@@ -260,7 +339,10 @@ class ModelProber:
                 self._health.error(url, failure)
             elif result.ok:
                 self._health.success(url)
-        return OK if result.ok else FAILED
+        return Step(True, after=self._background_delay()) if result.ok else FAILED
+
+    def _fetch_models(self, url: str) -> dict[str, ModelInfo]:
+        return fetch_models(self._session, url, self._api_key, self.config, self._retrying)
 
     def _log(self, target: ProbeTarget, result: ModelProbe,
              failure: EngineCallError | None) -> None:

@@ -482,7 +482,9 @@ class EngineStatsScraper:
         book = self._health()
         if book is not None:
             if sample is not None:
-                book.success(url, tokens=sample.tokens, running=sample.running, at=now)
+                book.success(url, tokens=sample.tokens, running=sample.running, at=now,
+                             adapters=frozenset(sample.running_lora_adapters)
+                             | frozenset(sample.waiting_lora_adapters))
             elif failure is not None:
                 book.error(url, failure, at=now)
             else:

@@ -46,6 +46,8 @@ class ModelProbe:
     reason: str | None = None
     time: float = 0.0
     unreachable: bool = False  # failed on timeout/connection/DNS/5xx, not on the answer itself
+    pod_name: str | None = None  # the pod probed: another pod given the same address later
+    #                              is not described by this answer
 
 
 @dataclass(frozen=True)
@@ -195,9 +197,19 @@ def not_routable_reason(record: ServiceRecord, service_port: ServicePort | None,
     return None
 
 
+def probe_of(pod: PodEndpoint, probes: Mapping[str, ModelProbe]) -> ModelProbe | None:
+    """``pod``'s last probe; None when there is none, or when it was of another pod that had
+    the same address (a pod recreated within the readiness-blip window is a new pod)."""
+    probe = probes.get(pod.url)
+    if (probe is not None and probe.pod_name is not None and pod.name is not None
+            and probe.pod_name != pod.name):
+        return None
+    return probe
+
+
 def pod_models(pod: PodEndpoint, probes: Mapping[str, ModelProbe]) -> Mapping[str, ModelInfo]:
     """The models a ready pod serves, per its last good probe (empty when none)."""
-    probe = probes.get(pod.url)
+    probe = probe_of(pod, probes)
     return probe.models if probe is not None and probe.ok else {}
 
 
@@ -213,11 +225,11 @@ def service_models(ready: Sequence[PodEndpoint], probes: Mapping[str, ModelProbe
     something.  A LoRA adapter loaded on some pods only is partial: not advertised, listed in
     ``partial_models`` and in those pods' own entries.
     """
-    probed = [pod_models(pod, probes) for pod in ready if pod.url in probes]
+    own = [probe for pod in ready if (probe := probe_of(pod, probes)) is not None]
+    probed = [probe.models if probe.ok else {} for probe in own]
     served = [models for models in probed if models]
     if not served:
-        failures = [probes[pod.url].reason for pod in ready
-                    if pod.url in probes and not probes[pod.url].ok]
+        failures = [probe.reason for probe in own if not probe.ok]
         if failures:
             return {}, (), f"model probe failed: {failures[0]}"
         return {}, (), NOT_PROBED if not probed else "the ready pods' engines serve no models"
@@ -317,7 +329,7 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
             )
             for pod in ready if not pod.ejected and (own := pod_models(pod, probes))
         )
-    pod_probes = {pod.url: probes[pod.url] for pod in ready if pod.url in probes}
+    pod_probes = {pod.url: probe for pod in ready if (probe := probe_of(pod, probes)) is not None}
     return ServiceView(key, record.namespace, record.name, url, service_port, pods, models,
                        partial, pod_probes, reason, endpoint_info, pod_infos, family,
                        note if reason is None else None,

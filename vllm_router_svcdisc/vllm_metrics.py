@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +31,7 @@ __all__ = [
     "MetricsParseError",
     "PodReading",
     "PodSample",
+    "Progress",
     "aggregate_service",
     "parse_metrics",
     "parse_progress",
@@ -381,9 +383,18 @@ def _tokens(series: Mapping[str, Mapping[_LabelKey, float]]) -> float | None:
     return sum(_values(series, PROMPT_TOKENS)) + sum(_values(series, GENERATION_TOKENS))
 
 
-def parse_progress(body: bytes) -> tuple[float | None, float]:
-    """(token counters' sum or None, requests running) from a ``/metrics`` body: what a
-    liveness check needs to tell a wedged engine from a busy one."""
+class Progress(NamedTuple):
+    """What a liveness check reads from ``/metrics``: the token counters' sum (None when the
+    page has neither) and the requests running tell a wedged engine from a busy one; the
+    adapters of running and waiting requests tell that a LoRA adapter was loaded."""
+
+    tokens: float | None
+    running: float
+    adapters: frozenset[str] = frozenset()
+
+
+def parse_progress(body: bytes) -> Progress:
+    """The :class:`Progress` of a ``/metrics`` body."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -391,7 +402,9 @@ def parse_progress(body: bytes) -> tuple[float | None, float]:
     series, _models = _collect(text)
     if not series.get(RUNNING):
         raise MetricsParseError("no vllm:num_requests_running on the page")
-    return _tokens(series), sum(_values(series, RUNNING))
+    _max, running, waiting = _lora(series.get(LORA_INFO, {}))
+    return Progress(_tokens(series), sum(_values(series, RUNNING)),
+                    frozenset(running) | frozenset(waiting))
 
 
 def _ratio(hits: float, queries: float) -> float:

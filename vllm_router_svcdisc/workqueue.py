@@ -13,6 +13,10 @@ held-back key is due, the others wait until a key is ready for them, so a key co
 one thread, not every idle one (with 32 workers and a thousand pods a second that was most of the
 queue's CPU: docs/benchmarks.md).
 
+Two lanes: ``add(key, urgent=True)`` puts a key ahead of every key of the ordinary lane (and
+moves it there if it already waits in it).  The prober puts pods nobody has probed yet there, so
+a new pod is never queued behind thousands of background re-probes coming due.
+
 Semantics follow client-go with one deliberate difference: ``shut_down`` drops what is still
 queued, because the prober and the scraper shut their queue down to close, and closing must not
 wait for pending work.
@@ -53,8 +57,12 @@ class WorkQueue(Generic[K]):
         self._timer = threading.Condition(lock)
         self._timing = False
         self.wakeups = 0  # waits that ended (notified or timed out): what idle threads cost
+        # Ready keys, urgent lane first.  A deque entry is only a hint: the sets below are the
+        # truth, and an entry whose key moved lanes or was handed out already is skipped.
         self._ready: deque[K] = deque()
+        self._urgent: deque[K] = deque()
         self._dirty: set[K] = set()  # queued, or to be queued again once processed
+        self._dirty_urgent: set[K] = set()  # the dirty keys of the urgent lane
         self._processing: set[K] = set()
         self._due: dict[K, float] = {}  # held back until then (the earliest wins)
         self._heap: list[tuple[float, int, K]] = []  # (due, order, key); superseded ones skipped
@@ -64,10 +72,13 @@ class WorkQueue(Generic[K]):
 
     # -- adding ------------------------------------------------------------------------------
 
-    def add(self, key: K) -> None:
-        """Queue ``key`` now; no-op while it is already queued; after it if in process."""
+    def add(self, key: K, *, urgent: bool = False) -> None:
+        """Queue ``key`` now; no-op while it is already queued; after it if in process.
+
+        ``urgent``: ahead of every ordinary key (an ordinary key already queued moves up).
+        """
         with self._cond:
-            self._add(key)
+            self._add(key, urgent)
 
     def add_after(self, key: K, delay: float) -> None:
         """Queue ``key`` once ``delay`` seconds have passed (at once when ``delay`` <= 0)."""
@@ -123,10 +134,8 @@ class WorkQueue(Generic[K]):
                     return None
                 now = self._clock.monotonic()
                 self._promote(now)
-                if self._ready:
-                    key = self._ready.popleft()
-                    self._dirty.discard(key)
-                    self._processing.add(key)
+                key = self._pop_ready()
+                if key is not None:
                     return key
                 wait = _MAX_WAIT
                 timer = bool(self._heap) and not self._timing
@@ -152,7 +161,7 @@ class WorkQueue(Generic[K]):
         with self._cond:
             self._processing.discard(key)
             if key in self._dirty and not self._shut_down:
-                self._ready.append(key)
+                (self._urgent if key in self._dirty_urgent else self._ready).append(key)
                 self._cond.notify()
 
     def shut_down(self) -> None:
@@ -160,16 +169,18 @@ class WorkQueue(Generic[K]):
         with self._cond:
             self._shut_down = True
             self._ready.clear()
+            self._urgent.clear()
             self._dirty.clear()
+            self._dirty_urgent.clear()
             self._due.clear()
             self._heap.clear()
             self._cond.notify_all()
             self._timer.notify_all()
 
     def __len__(self) -> int:
-        """Keys ready to be processed (not the ones held back)."""
+        """Keys ready to be processed (not the ones held back nor the ones in process)."""
         with self._cond:
-            return len(self._ready)
+            return len(self._dirty) - len(self._dirty & self._processing)
 
     def waiting(self) -> int:
         """Keys held back until a later time."""
@@ -178,13 +189,35 @@ class WorkQueue(Generic[K]):
 
     # -- internals (the caller holds the condition) --------------------------------------------
 
-    def _add(self, key: K) -> None:
-        if self._shut_down or key in self._dirty:
+    def _add(self, key: K, urgent: bool = False) -> None:
+        if self._shut_down:
+            return
+        if key in self._dirty:
+            if urgent and key not in self._dirty_urgent:  # move up; its old entry is skipped
+                self._dirty_urgent.add(key)
+                if key not in self._processing:
+                    self._urgent.append(key)
+                    self._cond.notify()
             return
         self._dirty.add(key)
+        if urgent:
+            self._dirty_urgent.add(key)
         if key not in self._processing:
-            self._ready.append(key)
+            (self._urgent if urgent else self._ready).append(key)
             self._cond.notify()
+
+    def _pop_ready(self) -> K | None:
+        """The next ready key (urgent lane first), marked in process; None when none is."""
+        for lane, urgent in ((self._urgent, True), (self._ready, False)):
+            while lane:
+                key = lane.popleft()
+                if (key in self._dirty and key not in self._processing
+                        and (key in self._dirty_urgent) == urgent):
+                    self._dirty.discard(key)
+                    self._dirty_urgent.discard(key)
+                    self._processing.add(key)
+                    return key
+        return None
 
     def _promote(self, now: float) -> None:
         """Move keys whose time has come from the held-back set to the ready queue."""
