@@ -252,6 +252,8 @@ class K8sServiceDiscovery:
         self._liveness = Liveness(self.health_book, outliers, self._apply_verdicts, clock=clock)
         self._prober = ModelProber(self._record_probes, config=probe_config, api_key=api_key,
                                    clock=clock, health=self.health_book)
+        # /metrics readings (liveness checks, scrapes) name the adapters requests run on
+        self.health_book.on_adapters = self._prober.adapters_seen
         self._cache = DiscoveryCache(port=port, cluster_domain=cluster_domain,
                                      ip_family=ip_family, check_names=routing == "service",
                                      on_probe_needed=self._pods_changed,

@@ -22,6 +22,7 @@ is ``max(liveness_interval, pods x cost / cpu_budget)``.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
@@ -54,7 +55,8 @@ class Liveness:
     def __init__(self, book: HealthBook, config: OutlierConfig, on_verdicts: Verdicts, *,
                  clock: Clock = SYSTEM_CLOCK, session: EnginePool | None = None,
                  exchange: Exchange | None = None,
-                 cpu_time: Callable[[], float] = time.thread_time) -> None:
+                 cpu_time: Callable[[], float] = time.thread_time,
+                 rng: random.Random | None = None) -> None:
         self.config = config
         self._cpu_time = cpu_time  # CPU seconds of the calling thread (what a check costs)
         self._exchange: Exchange = exchange or self._probe
@@ -73,6 +75,7 @@ class Liveness:
         self._judging = threading.Lock()  # one judgement at a time: verdicts reach the cache
         #                                   in the order they were made
         self._pruned_at = clock.monotonic()
+        self._random = rng or random.Random()  # where in its first interval a pod is checked
         self.cost_per_check = 0.0003  # CPU-seconds; replaced by the measured average
         self.checks_total = 0
         self.skipped_total = 0
@@ -89,8 +92,12 @@ class Liveness:
         self.poller.close(timeout)
 
     def track(self, ready: Sequence[str], gone: Sequence[str]) -> None:
-        """Pods that became ready endpoints (checked at once) and ones that stopped being one
-        (their records are kept for a readiness blip).  Never blocks."""
+        """Pods that became ready endpoints and ones that stopped being one (their records
+        are kept for a readiness blip).  Never blocks.
+
+        A pod's first check comes at a random point of one interval: the model probe that a
+        new or returning pod gets at once is its first result anyway, and 100 000 pods listed
+        at start-up are not all checked in the same second."""
         with self._lock:
             self._tracked.update(ready)
             self._tracked.difference_update(gone)
@@ -100,10 +107,11 @@ class Liveness:
             self.book.depart(url)
             self.poller.forget(url)
         self._prune()
+        interval = self.interval
         for url in ready:
             self.book.ensure(url)
             if self.config.enabled:
-                self.poller.add(url)
+                self.poller.add_after(url, interval * self._random.random())
 
     def _prune(self) -> None:
         """Forget records departed longer than the blip window ago (one sweep a second)."""

@@ -92,17 +92,61 @@ class ProbeConfig:
                 initial=first / 2, factor=2.0, jitter=1.0, cap=cap, reset_after=float("inf")))
 
 
+#: Card fields vLLM stamps anew on every answer: two answers differing only there are equal.
+_VOLATILE_CARD_KEYS = frozenset({"created", "permission"})
+_SHARED_LISTS_MAX = 1024
+
+
+class _SharedModelLists:
+    """One models mapping per distinct model list, shared by every pod that serves it.
+
+    At 100 000 pods the parsed cards were most of the probes' memory (each keeps its permission
+    objects), and every pod of a Deployment answers the same list.  An answer is compared
+    without the fields vLLM stamps per answer (``created``, ``permission``), so the shared
+    cards carry those of the first answer seen.  Bounded: cleared past 1 024 distinct lists.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lists: dict[tuple[Any, ...], dict[str, ModelInfo]] = {}
+
+    def get(self, cards: list[Any]) -> dict[str, ModelInfo] | None:
+        return self._lists.get(_signature(cards))
+
+    def put(self, cards: list[Any], models: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
+        key = _signature(cards)
+        with self._lock:
+            if len(self._lists) >= _SHARED_LISTS_MAX:
+                self._lists.clear()
+            return self._lists.setdefault(key, models)
+
+
+def _signature(cards: list[Any]) -> tuple[Any, ...]:
+    return tuple(tuple(sorted((k, repr(v)) for k, v in card.items()
+                              if k not in _VOLATILE_CARD_KEYS)) if isinstance(card, dict)
+                 else repr(card) for card in cards)
+
+
+SHARED_MODEL_LISTS = _SharedModelLists()
+
+
 def parse_model_list(data: Any) -> dict[str, ModelInfo]:
     """``{"object": "list", "data": [cards]}`` → models by id; a wrong shape is an error.
 
     So is a list with no valid model card (``data`` of strings, cards without an ``id``, or
     none at all): a vLLM engine always serves its model, so that answer is as wrong as invalid
     JSON, and it is reported the same way (a WARNING naming the pod and its Services).
+
+    The mapping returned is shared by every pod answering the same list (see
+    :class:`_SharedModelLists`): read it, never mutate it.
     """
     cards = data.get("data") if isinstance(data, dict) else None
     if not isinstance(cards, list):
         raise EngineCallError("/v1/models answered an unexpected shape (no 'data' list)",
                               cause="answer")
+    shared = SHARED_MODEL_LISTS.get(cards)
+    if shared is not None:
+        return shared
     models: dict[str, ModelInfo] = {}
     for card in cards:
         if not isinstance(card, dict):
@@ -116,7 +160,7 @@ def parse_model_list(data: Any) -> dict[str, ModelInfo]:
         first = f", the first a {type(cards[0]).__name__}" if cards else ""
         raise EngineCallError(f"/v1/models listed no valid model card ({len(cards)} entries"
                               f"{first})", cause="answer")
-    return models
+    return SHARED_MODEL_LISTS.put(cards, models)
 
 
 def fetch_models(session: EnginePool, url: str, api_key: str | None,

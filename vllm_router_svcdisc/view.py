@@ -325,7 +325,9 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
             EndpointInfo(
                 url=pod.url, model_names=list(own), Id=pod_id(pod), added_timestamp=added,
                 model_label=record.model_label, pod_name=pod.name, service_name=record.name,
-                namespace=record.namespace, model_info=dict(own), pods=(pod,),
+                namespace=record.namespace, pods=(pod,),
+                # the probe's mapping, shared (read-only, like everything in a snapshot)
+                model_info=own if isinstance(own, dict) else dict(own),
             )
             for pod in ready if not pod.ejected and (own := pod_models(pod, probes))
         )

@@ -4,6 +4,7 @@ out, free signals that skip checks, re-checks of ejected pods, wedged engines.""
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable
 
 import pytest
@@ -43,13 +44,22 @@ class Pod:
         return True
 
 
+class FirstAtOnce(random.Random):
+    """A new pod's first check at the start of its first interval (the timing asserted here
+    is measured from it)."""
+
+    def random(self) -> float:
+        return 0.0
+
+
 def setup() -> tuple[Liveness, Pod, FakeClock, list[tuple[float, Verdict | None]]]:
     clock = FakeClock()
     verdicts: list[tuple[float, Verdict | None]] = []
     book = HealthBook(clock)
     pod = Pod(book, clock)
     liveness = Liveness(book, CONFIG, lambda changes: verdicts.extend(
-        (clock.now, v) for v in changes.values()), clock=clock, exchange=pod.exchange)
+        (clock.now, v) for v in changes.values()), clock=clock, exchange=pod.exchange,
+        rng=FirstAtOnce())
     book.on_change = liveness.evaluate
     liveness.track([URL], [])
     return liveness, pod, clock, verdicts
@@ -185,3 +195,26 @@ def test_the_interval_stretches_so_checks_stay_within_the_cpu_budget() -> None:
     gaps = [b - a for a, b in itertools.pairwise(t for t, url in calls if url == pods[0])]
     assert gaps and all(1.99 <= gap <= 2.13 for gap in gaps), gaps
     assert len(calls) / 20.0 * 0.01 <= config.cpu_budget * 1.05  # within the budget
+
+
+def test_pods_listed_together_are_first_checked_across_one_interval_not_at_once() -> None:
+    clock = FakeClock()
+    book = HealthBook(clock)
+    calls: list[float] = []
+    spent = [0.0]
+
+    def exchange(url: str, progress: bool) -> bool:
+        calls.append(clock.now)
+        spent[0] += 0.001  # every check costs 1 ms of CPU
+        book.success(url)
+        return True
+
+    config = OutlierConfig(cpu_budget=0.25)
+    liveness = Liveness(book, config, lambda _changes: None, clock=clock, exchange=exchange,
+                        cpu_time=lambda: spent[0], rng=random.Random(3))
+    liveness.cost_per_check = 0.001  # 1000 pods x 1 ms / 0.25 = a 4 s interval
+    liveness.track([f"http://10.1.{i // 250}.{i % 250}:8000" for i in range(1000)], [])
+    run(liveness, clock, 4.0)
+    assert len(calls) == 1000  # each pod once within the first interval ...
+    per_second = [sum(1 for t in calls if int(t) == s) for s in range(4)]
+    assert max(per_second) <= 300, per_second  # ... spread over it (250 a second on average)

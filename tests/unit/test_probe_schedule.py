@@ -13,7 +13,7 @@ from tests.unit.driving import drive
 from vllm_router_svcdisc.cache import ProbeTarget
 from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.poller import HealthBook
-from vllm_router_svcdisc.probe import ModelProber, ProbeConfig
+from vllm_router_svcdisc.probe import ModelProber, ProbeConfig, parse_model_list
 from vllm_router_svcdisc.types import ModelInfo
 
 BASE = ModelInfo(id="base", object="model", created=0, owned_by="vllm", root="base")
@@ -172,3 +172,17 @@ def test_probe_config_refuses_rates_and_intervals_that_cannot_work() -> None:
         ProbeConfig(interval=0)
     with pytest.raises(ValueError):
         ProbeConfig(workers=0)
+
+
+def test_pods_answering_the_same_list_share_one_mapping_whatever_vllm_stamps_per_answer(
+        ) -> None:
+    def answer(created: int, max_len: int = 4096) -> dict[str, object]:
+        card = {"id": "m", "object": "model", "created": created, "owned_by": "vllm",
+                "root": "m", "parent": None, "max_model_len": max_len,
+                "permission": [{"id": f"modelperm-{created}", "created": created}]}
+        return {"object": "list", "data": [card]}
+
+    first, second = parse_model_list(answer(1)), parse_model_list(answer(2))
+    assert first is second and first["m"].extra_fields["max_model_len"] == 4096
+    other = parse_model_list(answer(3, max_len=8192))
+    assert other is not first and other["m"].extra_fields["max_model_len"] == 8192
