@@ -24,12 +24,14 @@ from .k8s_objects import ObjectError, parse_endpoint_slice, parse_endpoints, par
 from .publisher import EMPTY_SNAPSHOT, ReadOnlyList, Snapshot, SnapshotPublisher
 from .store import ServiceStore
 from .view import (
+    Endpoints,
     ModelProbe,
     PortSpec,
     ServiceView,
     ViewConfig,
     build_view,
     resolve_service_port,
+    service_endpoints,
 )
 
 __all__ = ["DiscoveryCache", "ModelProbe", "PortSpec", "ProbeTarget", "ReadOnlyList",
@@ -90,6 +92,9 @@ class DiscoveryCache:
         self._name_owner: dict[str, str] = {}  # Service URL -> its Service's key
         self._name_errors: dict[str, str] = {}  # Service URL -> why it did not resolve
         self._added: dict[str, float] = {}
+        # Service key -> (its record, its slices, their endpoints): reused while the record
+        # and the slices are the same objects (a probe or a verdict changed, not Kubernetes)
+        self._endpoints: dict[str, tuple[object, tuple[object, ...], Endpoints]] = {}
         self._publisher = SnapshotPublisher(clock)
         self._ever_seen_models: set[str] = set()
         self._logged_reason: dict[str, str | None] = {}
@@ -216,7 +221,6 @@ class DiscoveryCache:
         self._forget_departed()
         for key in sorted(keys):  # a deterministic order for lists and logs
             old = self._publisher.get(key)
-            before = _ready_urls(old)
             record = self._store.services.get(key)
             if record is None:  # deleted, or slices of a Service the selector does not match
                 if old is not None:
@@ -224,18 +228,32 @@ class DiscoveryCache:
                     renamed.append((key, old.url, None))
                 self._added.pop(key, None)
                 self._logged_reason.pop(key, None)
-                moved |= self._index(key, before, set())
+                self._endpoints.pop(key, None)
+                moved |= self._index(key, _ready_urls(old), set())
                 continue
-            view = build_view(record, self._store.slices_of(key), self._probes,
+            slices = tuple(self._store.slices_of(key))
+            kept = self._endpoints.get(key)
+            same = (kept is not None and old is not None and kept[0] is record
+                    and len(kept[1]) == len(slices)
+                    and all(a is b for a, b in zip(kept[1], slices, strict=True)))
+            if same and kept is not None:  # the old view was built from these endpoints
+                endpoints = kept[2]
+            else:
+                endpoints = service_endpoints(record, slices, self._config)
+                self._endpoints[key] = (record, slices, endpoints)
+            view = build_view(record, slices, self._probes,
                               config=self._config, added=self._added.get(key, now),
                               name_errors=self._name_errors, candidates=self._candidates,
-                              ejected_before=old.ejected if old is not None else ())
+                              ejected_before=old.ejected if old is not None else (),
+                              endpoints=endpoints,
+                              previous_pod_infos=old.pod_infos if old is not None else ())
             if self._check_names and (old.url if old is not None else None) != view.url:
                 renamed.append((key, old.url if old is not None else None, view.url))
-            moved |= self._index(key, before, _ready_urls(view))
-            for rank, pod in enumerate(view.ready_pods):
-                names[pod.url] = pod.name
-                ranks[pod.url] = min(rank, ranks.get(pod.url, rank))
+            if not same:  # else the same ready pods: nobody moved (a probe, a verdict)
+                moved |= self._index(key, _ready_urls(old), _ready_urls(view))
+                for rank, pod in enumerate(view.ready_pods):
+                    names[pod.url] = pod.name
+                    ranks[pod.url] = min(rank, ranks.get(pod.url, rank))
             if view.routable:
                 self._added.setdefault(key, now)
             self._publisher.set_view(key, view)
@@ -314,6 +332,9 @@ class DiscoveryCache:
     def _log_outliers(self, old: ServiceView | None, view: ServiceView) -> None:
         """One line per ejection (WARNING) and per return (INFO), per Service; counts them."""
         before = old.ejected if old is not None else {}
+        if not before and not view.ejected and not view.failing_open and (
+                old is None or not old.failing_open):
+            return  # nothing ejected before or now (almost every rebuild)
         names = {pod.url: pod.name or pod.url for pod in view.pods}
         ready = {pod.url for pod in view.ready_pods}
         for url, reason in view.ejected.items():

@@ -225,6 +225,11 @@ class SnapshotPublisher:
 
     def _update_pods(self, service_key: str, old: tuple[EndpointInfo, ...],
                      new: tuple[EndpointInfo, ...]) -> None:
+        if old and new:  # only the entries that changed (a probe result changes one)
+            kept = {id(info) for info in old}.intersection(id(info) for info in new)
+            if kept:
+                old = tuple(info for info in old if id(info) not in kept)
+                new = tuple(info for info in new if id(info) not in kept)
         listed_under: dict[PodKey, str | None] = {}  # the owner before this change
         for info in (*old, *new):
             pod_key = info.pods[0].key

@@ -7,6 +7,7 @@ snapshot are shared between readers: treat them as read-only.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,18 +96,17 @@ class PodEndpoint:
         """
         return self.serving and not self.terminating
 
-    @property
-    def key(self) -> tuple[str, int]:
-        """Identity: the pod (``namespace/name`` of its targetRef), else the address; + port."""
-        if self.name:
-            return (f"{self.namespace or ''}/{self.name}", self.port)
-        return (self.ip, self.port)
+    # Derived once (views are rebuilt often, and one string per pod is shared by every map
+    # keyed by it): identity — the pod (``namespace/name`` of its targetRef), else the
+    # address; + port — and ``http://<pod ip>:<pod port>`` (IPv6 addresses bracketed).
+    key: tuple[str, int] = field(init=False, repr=False, compare=False)
+    url: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def url(self) -> str:
-        """``http://<pod ip>:<pod port>`` (IPv6 addresses bracketed)."""
+    def __post_init__(self) -> None:
+        key = (f"{self.namespace or ''}/{self.name}" if self.name else self.ip, self.port)
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"http://{host}:{self.port}"
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "url", sys.intern(f"http://{host}:{self.port}"))
 
 
 @dataclass

@@ -22,6 +22,7 @@ models; the Service advertises what a request to its URL can rely on, see
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -171,6 +172,9 @@ def dial_port(record: ServiceRecord, service_port: ServicePort,
     """
     if not record.headless:
         return service_port.port, None
+    ports = {p.port for p in pods}
+    if len(ports) == 1:  # the usual case: every pod on one port
+        return ports.pop(), None
     counted = Counter(p.port for p in pods if p.routable) or Counter(p.port for p in pods)
     if not counted:
         return service_port.port, None
@@ -233,6 +237,8 @@ def service_models(ready: Sequence[PodEndpoint], probes: Mapping[str, ModelProbe
         if failures:
             return {}, (), f"model probe failed: {failures[0]}"
         return {}, (), NOT_PROBED if not probed else "the ready pods' engines serve no models"
+    if all(models is served[0] for models in served):  # one shared list (the usual case)
+        return {model: served[0][model] for model in sorted(served[0])}, (), None
     counts = Counter(model for models in served for model in models)
     common = [m for m, n in counts.items() if n == len(served)]
     chosen = (common or [m for m, n in counts.items() if 2 * n >= len(served)]
@@ -248,13 +254,26 @@ def service_models(ready: Sequence[PodEndpoint], probes: Mapping[str, ModelProbe
 
 def pod_id(pod: PodEndpoint) -> str:
     """A stable ``EndpointInfo.Id`` for a pod, the same under every Service that selects it."""
-    return _uuid_of(f"k8s-pod/{pod.key[0]}:{pod.key[1]}")
+    return uuid5_url(f"k8s-pod/{pod.key[0]}:{pod.key[1]}")
 
 
-@functools.lru_cache(maxsize=1 << 17)
+def uuid5_url(name: str) -> str:
+    """``str(uuid.uuid5(uuid.NAMESPACE_URL, name))`` in a fifth of the time (no UUID object):
+    at 100 000 pods the UUID class was 2.5 s of start-up.  A unit test cross-checks it."""
+    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
+
+
+@functools.lru_cache(maxsize=1 << 14)
 def _uuid_of(name: str) -> str:
-    """uuid5 of a name, memoised: views are rebuilt on every change of their Service."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+    """:func:`uuid5_url`, memoised for Services (their entry is rebuilt on every change)."""
+    return uuid5_url(name)
 
 
 def mark_outliers(pods: tuple[PodEndpoint, ...], candidates: Mapping[str, str],
@@ -273,11 +292,28 @@ def mark_outliers(pods: tuple[PodEndpoint, ...], candidates: Mapping[str, str],
     return marked, ejected, held
 
 
+Endpoints = tuple[str, "ServicePort | None", tuple[PodEndpoint, ...]]
+
+
+def service_endpoints(record: ServiceRecord, slices: Iterable[SliceRecord],
+                      config: ViewConfig) -> Endpoints:
+    """(address family, Service port, pods) of a Service: what its record and slices say,
+    before models and outliers — the part of a view a model probe never changes."""
+    slices = tuple(slices)
+    family = choose_family(record, slices, config.ip_family)
+    service_port = resolve_service_port(record.ports, config.port, headless=record.headless)
+    pods = (merge_endpoints(record, slices, service_port, family)
+            if service_port is not None else ())
+    return family, service_port, pods
+
+
 def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
                probes: Mapping[str, ModelProbe], *, config: ViewConfig,
                added: float, name_errors: Mapping[str, str] | None = None,
                candidates: Mapping[str, str] | None = None,
-               ejected_before: Collection[str] = ()) -> ServiceView:
+               ejected_before: Collection[str] = (),
+               endpoints: Endpoints | None = None,
+               previous_pod_infos: Sequence[EndpointInfo] = ()) -> ServiceView:
     """The view of one Service from its record, its slices and its pods' last model probes
     (``probes`` is keyed by pod URL; pods missing from it were not probed yet).
 
@@ -288,13 +324,14 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
     ``candidates`` are the pods the outlier policy would eject (pod URL -> why); at most
     ``config.max_ejection_percent`` of the ready pods are, preferring ``ejected_before`` (the
     previous view's), and the others stay listed (failing open).  Ejected pods stay in ``pods``
-    (state and reason set) and out of ``pod_infos``."""
-    slices = tuple(slices)
+    (state and reason set) and out of ``pod_infos``.
+
+    ``endpoints``: :func:`service_endpoints` of the same record and slices, when the caller
+    kept it (a probe result rebuilds a view whose slices did not change); with it, the pod
+    entries of ``previous_pod_infos`` (the previous view's) whose pod and models did not
+    change are reused, so a probe result costs one pod entry, not one per pod."""
     key = record.key
-    family = choose_family(record, slices, config.ip_family)
-    service_port = resolve_service_port(record.ports, config.port, headless=record.headless)
-    pods = (merge_endpoints(record, slices, service_port, family)
-            if service_port is not None else ())
+    family, service_port, pods = endpoints or service_endpoints(record, slices, config)
     ejected: dict[str, str] = {}
     held: dict[str, str] = {}
     if candidates:
@@ -305,7 +342,8 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
         port, note = dial_port(record, service_port, pods)
         url = f"http://{record.name}.{record.namespace}.svc.{config.cluster_domain}:{port}"
     ready = [pod for pod in pods if pod.routable]
-    models, partial, models_reason = service_models(ready, probes)
+    pod_probes = {pod.url: probe for pod in ready if (probe := probe_of(pod, probes)) is not None}
+    models, partial, models_reason = service_models(ready, pod_probes)
     name_error = (name_errors or {}).get(url or "")
     reason = (not_routable_reason(record, service_port, config.port, pods)
               or (f"the Service name does not resolve (DNS): {name_error}" if name_error
@@ -321,17 +359,11 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
             namespace=record.namespace, model_info=models, pods=pods,
             partial_models=partial,
         )
+        kept = {info.url: info for info in previous_pod_infos}
         pod_infos = tuple(
-            EndpointInfo(
-                url=pod.url, model_names=list(own), Id=pod_id(pod), added_timestamp=added,
-                model_label=record.model_label, pod_name=pod.name, service_name=record.name,
-                namespace=record.namespace, pods=(pod,),
-                # the probe's mapping, shared (read-only, like everything in a snapshot)
-                model_info=own if isinstance(own, dict) else dict(own),
-            )
-            for pod in ready if not pod.ejected and (own := pod_models(pod, probes))
+            _pod_info(record, pod, own, added, kept.get(pod.url))
+            for pod in ready if not pod.ejected and (own := pod_models(pod, pod_probes))
         )
-    pod_probes = {pod.url: probe for pod in ready if (probe := probe_of(pod, probes)) is not None}
     return ServiceView(key, record.namespace, record.name, url, service_port, pods, models,
                        partial, pod_probes, reason, endpoint_info, pod_infos, family,
                        note if reason is None else None,
@@ -340,3 +372,19 @@ def build_view(record: ServiceRecord, slices: Iterable[SliceRecord],
 
 
 _NONE: Mapping[str, str] = MappingProxyType({})
+
+
+def _pod_info(record: ServiceRecord, pod: PodEndpoint, own: Mapping[str, ModelInfo],
+              added: float, previous: EndpointInfo | None) -> EndpointInfo:
+    """A pod's entry: the previous one when it describes the same pod object with the same
+    models mapping (everything in it derives from those), else a new one."""
+    if (previous is not None and previous.pods[0] is pod and previous.model_info is own
+            and previous.added_timestamp == added):
+        return previous
+    return EndpointInfo(
+        url=pod.url, model_names=list(own), Id=pod_id(pod), added_timestamp=added,
+        model_label=record.model_label, pod_name=pod.name, service_name=record.name,
+        namespace=record.namespace, pods=(pod,),
+        # the probe's mapping, shared (read-only, like everything in a snapshot)
+        model_info=own if isinstance(own, dict) else dict(own),
+    )

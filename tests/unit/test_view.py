@@ -268,3 +268,12 @@ def test_each_pod_entry_carries_its_own_models() -> None:
     assert {i.url: i.model_names for i in view.pod_infos} == {
         "http://10.1.0.1:8000": ["a", "lora"], "http://10.1.0.2:8000": ["a"]}
     assert view.pod_infos[0].get_adapters_for_model("a") == ["lora"]
+
+
+def test_the_fast_uuid5_is_uuid5() -> None:
+    import uuid
+
+    from vllm_router_svcdisc.view import uuid5_url
+
+    for name in ("k8s-pod/default/a:8000", "k8s-service/ns/svc", "", "ü/ünïcode:1"):
+        assert uuid5_url(name) == str(uuid.uuid5(uuid.NAMESPACE_URL, name))
