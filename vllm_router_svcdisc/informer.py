@@ -55,6 +55,8 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 MAX_LIST_BYTES = 256 * 1024 * 1024
 #: A LIST is read in at most this many pages (with the default page size: 5 million objects).
 MAX_LIST_PAGES = 10_000
+#: A LIST's changes are handed to the handler in parts of at most this many objects.
+LIST_CHUNK = 1000
 #: A watch that ends sooner than this having delivered nothing is a failure, however it ended.
 MIN_HEALTHY_WATCH_SECONDS = 1.0
 #: After a 410 the informer re-lists at once, but never more often than this.
@@ -549,11 +551,14 @@ class Informer:
     def _replace(self, items: list[Any]) -> None:
         """Hand the listed state over: changed objects as MODIFIED/ADDED, vanished as DELETED.
 
-        This comparison is what finds deletes missed while the watch was down.
+        This comparison is what finds deletes missed while the watch was down.  More than
+        :data:`LIST_CHUNK` changes go in parts of that size, deletions with the last part
+        (each part is applied whole; ``items`` is consumed).
         """
         changes: list[Change] = []
         seen: dict[str, str] = {}
-        for item in items:
+        for index, item in enumerate(items):
+            items[index] = None  # the raw object lives on only in its change, if it changed
             key = _object_key(item)
             if key is None:
                 self._count_malformed("list item without metadata.name")
@@ -565,6 +570,11 @@ class Informer:
                 changes.append(Change(ADDED, key, item))
             elif old_rv != rv or not rv:
                 changes.append(Change(MODIFIED, key, item))
+            if len(changes) >= LIST_CHUNK:
+                # A large LIST is handed over in parts: the first pods are probed while the
+                # rest is applied, and the raw objects are freed part by part.
+                self._deliver(changes)
+                changes = []
         for key in self._known.keys() - seen.keys():
             namespace, _, name = key.partition("/")
             tombstone = {"metadata": {"namespace": namespace, "name": name}}

@@ -294,6 +294,26 @@ def test_paged_list_is_applied_once_whole() -> None:
     assert second["_continue"] == "t1" and "resource_version" not in second
 
 
+def test_a_large_list_is_handed_over_in_parts_deletions_with_the_last() -> None:
+    clock = FakeClock()
+    batches: list[list[tuple[str, str]]] = []
+    first = listing("10", [svc(f"s{i:04d}", "1") for i in range(2500)])
+    relist = listing("20", [svc(f"s{i:04d}", "2") for i in range(1, 2500)])  # s0000 gone
+    expired = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}}
+    answers: list[Any] = [Response([expired], clock=clock)]
+    script = Script(clock, [first, relist], lambda _kw: answers.pop(0) if answers else Response(
+        clock=clock, lasts=5))
+    script.max_calls = 4
+    informer = Informer("services", script, lambda changes: batches.append(
+        [(c.type, c.key) for c in changes]), clock=clock)
+    script.informer = informer
+    informer.run()
+    assert [len(b) for b in batches[:3]] == [1000, 1000, 500]
+    assert [len(b) for b in batches[3:6]] == [1000, 1000, 500]  # 499 changed + 1 deleted
+    assert batches[5][-1] == ("DELETED", "default/s0000")
+    assert {t for b in batches[3:6] for t, _ in b} == {"MODIFIED", "DELETED"}
+
+
 def test_a_server_that_pages_at_rv_0_gets_paged_relists_too() -> None:
     clock = FakeClock()
     pages = [listing("10", [svc("a", "1")], token="t1"), listing("10", [svc("b", "2")]),
