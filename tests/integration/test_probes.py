@@ -16,6 +16,7 @@ from tests.conftest import wait_for
 from tests.integration.test_discovery import state
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
 from vllm_router_svcdisc.outliers import OutlierConfig
+from vllm_router_svcdisc.probe import ProbeConfig
 from vllm_router_svcdisc.scraper import EngineStatsScraper
 from vllm_router_svcdisc.sim.cluster import SimCluster
 from vllm_router_svcdisc.sim.engine import EngineMode
@@ -75,6 +76,31 @@ def test_a_lora_adapter_loaded_on_some_pods_is_partial_until_every_pod_has_it(
     assert entry.get_adapters_for_model(OLD) == ["sql-lora"]
     second.engine.lora_adapters = ["sql-lora"]
     wait_advertised(discovery, "lora", [OLD, "sql-lora"])
+
+
+@pytest.mark.parametrize("reader", ["scraper", "liveness"])
+def test_an_adapter_loaded_at_runtime_appears_once_metrics_show_a_request_for_it(
+        cluster: SimCluster, make_discovery: Any, reader: str) -> None:
+    """vLLM's ``vllm:lora_requests_info`` names the adapters of running and waiting requests:
+    a pod whose page names one its last probe did not list is probed again at once, long
+    before the background re-probe (an hour here)."""
+    cluster.add_service("lora-rt", replicas=2, model=OLD)
+    outliers = OutlierConfig(progress_interval=0.3, liveness_interval=0.2)
+    discovery = make_discovery(cluster, probe_config=ProbeConfig(interval=3600.0),
+                               outliers=outliers if reader == "liveness"
+                               else OutlierConfig(enabled=False))
+    scraper = (EngineStatsScraper(discovery, scrape_interval=0.2) if reader == "scraper"
+               else None)
+    try:
+        wait_advertised(discovery, "lora-rt", [OLD])
+        first, _second = cluster.pods("lora-rt")
+        first.engine.lora_adapters = ["sql-lora"]  # /v1/load_lora_adapter, then a request
+        first.engine.running_lora_adapters = ["sql-lora"]
+        wait_advertised(discovery, "lora-rt", [OLD], ("sql-lora",))
+        assert discovery._prober.adapter_reprobes_total == 1
+    finally:
+        if scraper is not None:
+            scraper.close()
 
 
 def test_a_pod_behind_two_services_is_probed_and_scraped_once_and_counts_in_both(
