@@ -157,7 +157,8 @@ class DiscoveryCache:
                 if not services:
                     continue  # the pod stopped being an endpoint while it was probed
                 previous = self._probes.get(url)
-                if not probe.ok and probe.unreachable and previous is not None and previous.ok:
+                if (not probe.ok and probe.unreachable and previous is not None and previous.ok
+                        and previous.pod_name == probe.pod_name):
                     # The pods are still ready (readiness says so); an engine we could not
                     # reach this once keeps the models it served until a probe says otherwise.
                     probe = replace(previous, reason=f"last probe failed ({probe.reason}); "
@@ -251,6 +252,7 @@ class DiscoveryCache:
                 renamed.append((key, old.url if old is not None else None, view.url))
             if not same:  # else the same ready pods: nobody moved (a probe, a verdict)
                 moved |= self._index(key, _ready_urls(old), _ready_urls(view))
+                moved |= _readdressed(old, view)
                 for rank, pod in enumerate(view.ready_pods):
                     names[pod.url] = pod.name
                     ranks[pod.url] = min(rank, ranks.get(pod.url, rank))
@@ -384,6 +386,15 @@ def _same_outcome(before: ModelProbe, after: ModelProbe) -> bool:
 
 def _signature(probe: ModelProbe) -> list[tuple[str, str | None, str | None, bool]]:
     return sorted((m.id, m.parent, m.root, m.is_adapter) for m in probe.models.values())
+
+
+def _readdressed(old: ServiceView | None, view: ServiceView) -> set[str]:
+    """Ready pod URLs that now belong to another pod (a new pod given a freed address)."""
+    if old is None:
+        return set()
+    before = {p.url: p.name for p in old.pods if p.routable}
+    return {p.url for p in view.pods
+            if p.routable and p.url in before and before[p.url] != p.name}
 
 
 def _ready_urls(view: ServiceView | None) -> set[str]:

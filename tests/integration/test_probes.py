@@ -103,6 +103,34 @@ def test_an_adapter_loaded_at_runtime_appears_once_metrics_show_a_request_for_it
             scraper.close()
 
 
+def test_a_new_pod_on_a_recycled_address_is_not_listed_with_the_old_pods_models(
+        cluster: SimCluster, make_discovery: Any) -> None:
+    """Within the readiness-blip window an address that comes back keeps its models — unless
+    another pod now has it: that one is new, and listed only with what its own probe says."""
+    service = cluster.add_service("recycle", replicas=1, model=OLD)
+    discovery = make_discovery(cluster)
+    wait_advertised(discovery, "recycle", [OLD])
+    (old_pod,) = cluster.pods("recycle")
+    service.model = NEW
+    service.engine_options["mode"] = EngineMode.SLOW_METRICS  # its /v1/models hangs for now
+    service.engine_options["slow_paths"] = ("/v1/models",)
+    service.engine_options["slow_delay"] = 30.0
+    new_pod = cluster.reschedule(old_pod, keep_ip=True)
+    assert new_pod.ip == old_pod.ip and new_pod.name != old_pod.name
+    url = f"http://{new_pod.ip}:{new_pod.port}"
+
+    def listed_as() -> list[str] | None:
+        view = discovery.get_service_status().get("default/recycle")
+        pods = [p.name for p in view.pods] if view is not None else []
+        return pod_models(discovery).get(url) if new_pod.name in pods else None
+
+    wait_for(lambda: new_pod.name in [p.name for p in discovery.get_service_status()[
+        "default/recycle"].pods], 10.0, lambda: state(discovery))
+    assert listed_as() is None  # known, not routable: its probe has not answered
+    new_pod.engine.mode = EngineMode.OK
+    wait_for(lambda: listed_as() == [NEW], 15.0, lambda: f"{listed_as()}: {state(discovery)}")
+
+
 def test_a_pod_behind_two_services_is_probed_and_scraped_once_and_counts_in_both(
         cluster: SimCluster, make_discovery: Any) -> None:
     owner = cluster.add_service("llama", replicas=2)

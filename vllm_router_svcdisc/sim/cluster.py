@@ -587,13 +587,16 @@ class SimCluster:
         live = [n for n in candidates if self._nodes[n].alive] or candidates
         return live[(start + index) % len(live)]
 
-    def reschedule(self, pod: SimPod) -> SimPod:
-        """Delete the pod and start a replacement with a new IP (ready at once)."""
+    def reschedule(self, pod: SimPod, *, keep_ip: bool = False) -> SimPod:
+        """Delete the pod and start a replacement (ready at once) with a new IP, or with
+        ``keep_ip`` the freed one: IPAM plugins hand freed addresses out again (host-local
+        after it wraps around its range, others sooner), so a new pod may answer on the
+        address of one that was a ready endpoint seconds ago."""
         with self._lock:
             owner = self.service(pod.service, pod.namespace)
             services = self._services_of(pod)
             self._remove_pod(pod)
-            replacement = self._new_pod(owner, ready=True)
+            replacement = self._new_pod(owner, ready=True, ip=pod.ip if keep_ip else None)
             for service in {s.key: s for s in [*services, *self._services_of(replacement)]
                             }.values():
                 self._sync_endpoints(service)
@@ -630,7 +633,8 @@ class SimCluster:
         for service in self._services_of(pod):
             self._sync_endpoints(service)
 
-    def _new_pod(self, owner: SimService, *, ready: bool, node: str | None = None) -> SimPod:
+    def _new_pod(self, owner: SimService, *, ready: bool, node: str | None = None,
+                 ip: str | None = None) -> SimPod:
         index = owner.next_pod
         name = f"{owner.name}-{index}-{uuid.uuid4().hex[:5]}"
         owner.next_pod += 1
@@ -643,6 +647,8 @@ class SimCluster:
 
         if owner.host_network and owner.node_ip is not None:
             engine = start(owner.node_ip)
+        elif ip is not None:
+            engine = start(ip)
         else:
             engine = _on_free_ip(_POD_NET, _pod_counter, start)
             if owner.host_network:

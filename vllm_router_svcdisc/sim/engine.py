@@ -490,7 +490,12 @@ class FakeEngine:
         max_lora: int = 4,
         max_model_len: int = 8192,
         clock: Callable[[], float] = time.monotonic,
+        mode: EngineMode = EngineMode.OK,
+        slow_paths: Sequence[str] = ("/metrics",),
+        slow_delay: float = 2.0,
     ) -> None:
+        """``mode``, ``slow_paths`` and ``slow_delay``: the state it starts in (a pod replaced
+        while its Service's engines misbehave starts misbehaving, before anybody calls it)."""
         if dp_ranks < 1:
             raise ValueError("dp_ranks must be >= 1")
         self.ip = ip
@@ -511,8 +516,8 @@ class FakeEngine:
         self.sleep_state = "awake"
         self.running_lora_adapters: list[str] = []
         self.waiting_lora_adapters: list[str] = []
-        self.slow_delay = 2.0
-        self.slow_paths: frozenset[str] = frozenset({"/metrics"})  # delayed in SLOW_METRICS
+        self.slow_delay = slow_delay
+        self.slow_paths: frozenset[str] = frozenset(slow_paths)  # delayed in SLOW_METRICS
         self.decode_rate = 20.0  # generated tokens per second per running request
         self.oversize_bytes = 50 * 1024 * 1024
         self.trickle_interval = 0.2
@@ -520,7 +525,7 @@ class FakeEngine:
         self.draining = False
 
         self._lock = threading.RLock()
-        self._mode = EngineMode.OK
+        self._mode = EngineMode(mode)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._started = False
