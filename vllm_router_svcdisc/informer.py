@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import json
 import logging
 import random
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from . import recovery
 from .backoff import Backoff, BackoffPolicy
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ApiError, describe_api_error
+from .list_body import ListBody
 from .recovery import RecoveryChecker
 
 log = logging.getLogger(__name__)
@@ -468,7 +470,7 @@ class Informer:
         return self._last_rv or "0"
 
     def _list(self) -> CycleResult | None:
-        """LIST every page, then replace the cache once; None on success."""
+        """LIST every page, then hand the listed state over; None on success."""
         self._last_list_attempt = self._clock.monotonic()
         rv = self._list_resource_version()
         try:
@@ -491,7 +493,11 @@ class Informer:
             return CycleResult(outcome, describe_api_error(exc), exc)
         except _StreamBroken as exc:
             return CycleResult(Outcome.SERVER_ERROR, f"{self.resource} LIST unusable: {exc}")
-        self._replace(items)
+        try:
+            self._replace(items)
+        except ValueError as exc:
+            return CycleResult(Outcome.SERVER_ERROR, f"{self.resource} LIST unusable: "
+                                                      f"malformed item: {exc}")
         self._last_rv = list_rv
         self._list_rv_unavailable = False
         self._need_list = False
@@ -503,7 +509,7 @@ class Informer:
         self._note_progress()
         return None
 
-    def _list_pages(self, rv: str) -> tuple[list[Any], str]:
+    def _list_pages(self, rv: str) -> tuple[Iterator[Any], str]:
         """All pages of one LIST, as client-go's pager: ``limit`` when the server pages.
 
         A LIST at "0" or "" asks for pages (a server with a watch cache ignores ``limit`` at
@@ -511,7 +517,7 @@ class Informer:
         first LIST showed that this server pages anyway.
         """
         paged = rv in ("0", "") or self._paginated
-        items: list[Any] = []
+        pages: list[ListBody] = []  # items are decoded as the handler is fed (list_body.py)
         budget = MAX_LIST_BYTES
         token = ""
         for _page in range(MAX_LIST_PAGES):
@@ -535,30 +541,32 @@ class Informer:
                 self._set_response(None)
             budget -= len(body)
             try:
-                data = json.loads(body)
-                items.extend(data.get("items") or [])
-                metadata = data["metadata"]
+                page = ListBody(body.decode("utf-8"))
+                del body
+                metadata = page.header["metadata"]
                 list_rv = str(metadata["resourceVersion"])
                 token = str(metadata.get("continue") or "")
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise _StreamBroken(f"malformed {self.resource} list: {exc}") from exc
+            pages.append(page)
             if token and rv == "0":
                 self._paginated = True
             if not token:
-                return items, list_rv
+                return itertools.chain.from_iterable(p.items() for p in pages), list_rv
         raise _StreamBroken(f"more than {MAX_LIST_PAGES} pages")
 
-    def _replace(self, items: list[Any]) -> None:
+    def _replace(self, items: Iterable[Any]) -> None:
         """Hand the listed state over: changed objects as MODIFIED/ADDED, vanished as DELETED.
 
         This comparison is what finds deletes missed while the watch was down.  More than
         :data:`LIST_CHUNK` changes go in parts of that size, deletions with the last part
-        (each part is applied whole; ``items`` is consumed).
+        (each part is applied whole).  ``items`` may decode lazily and raise ValueError at a
+        malformed item: the parts handed over by then are real states of their objects, and
+        the next LIST reconciles the rest.
         """
         changes: list[Change] = []
         seen: dict[str, str] = {}
-        for index, item in enumerate(items):
-            items[index] = None  # the raw object lives on only in its change, if it changed
+        for item in items:
             key = _object_key(item)
             if key is None:
                 self._count_malformed("list item without metadata.name")
