@@ -45,8 +45,9 @@ class ProbeTarget:
     it is an endpoint of), or, ``kind="name"``, that a Service's URL resolves in DNS.
 
     ``fresh``: nothing usable is known of the pod's models (a new pod, a new address, or only
-    a failed probe), so it is not routable until probed: the prober puts it first.  A pod back
-    from a readiness blip, or one whose Services changed, keeps its models and is not.
+    a failed probe), so it is not routable until probed: the prober puts it first — ``first``
+    (its probe makes a Service routable) before the others.  A pod back from a readiness blip,
+    or one whose Services changed, keeps its models and is not fresh.
     """
 
     url: str
@@ -54,6 +55,7 @@ class ProbeTarget:
     services: tuple[str, ...]
     kind: str = "pod"
     fresh: bool = True
+    first: bool = False  # the first ready pod of a Service that is not routable yet
 
 
 class DiscoveryCache:
@@ -253,7 +255,10 @@ class DiscoveryCache:
             if not same:  # else the same ready pods: nobody moved (a probe, a verdict)
                 moved |= self._index(key, _ready_urls(old), _ready_urls(view))
                 moved |= _readdressed(old, view)
-                for rank, pod in enumerate(view.ready_pods):
+                # a pod that can make its Service routable (the first of one that is not)
+                # ranks 0; every other pod ranks after the first pods of all Services
+                offset = 0 if not view.routable else 1
+                for rank, pod in enumerate(view.ready_pods, start=offset):
                     names[pod.url] = pod.name
                     ranks[pod.url] = min(rank, ranks.get(pod.url, rank))
             if view.routable:
@@ -269,7 +274,7 @@ class DiscoveryCache:
             # every Service's first pod before any Service's second: after a LIST of many
             # Services each becomes routable after one probe, not after all of its pods'
             order = sorted(moved, key=lambda url: (ranks.get(url, 0), url))
-            self._tell_prober(order, names, renamed)
+            self._tell_prober(order, names, ranks, renamed)
 
     def _index(self, key: str, before: set[str], after: set[str]) -> set[str]:
         """Update which Services each ready pod belongs to; returns the pods that moved."""
@@ -284,6 +289,7 @@ class DiscoveryCache:
         return before ^ after
 
     def _tell_prober(self, urls: Sequence[str], names: dict[str, str | None],
+                     ranks: Mapping[str, int],
                      renamed: Sequence[tuple[str, str | None, str | None]] = ()) -> None:
         targets: list[ProbeTarget] = []
         gone: list[str] = []
@@ -294,7 +300,8 @@ class DiscoveryCache:
                 probe = self._probes.get(url)
                 known = (probe is not None and probe.ok
                          and (probe.pod_name is None or name is None or probe.pod_name == name))
-                targets.append(ProbeTarget(url, name, tuple(sorted(services)), fresh=not known))
+                targets.append(ProbeTarget(url, name, tuple(sorted(services)), fresh=not known,
+                                           first=ranks.get(url, 1) == 0))
                 self._departed.pop(url, None)  # back within the blip window: state kept
             else:
                 gone.append(url)

@@ -32,7 +32,7 @@ import tenacity
 from .backoff import BackoffPolicy
 from .clock import SYSTEM_CLOCK, Clock
 from .http import EngineCallError
-from .workqueue import WorkQueue, worker_threads
+from .workqueue import ORDINARY, WorkQueue, worker_threads
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -89,9 +89,9 @@ class Poller(Generic[K]):
                 thread.start()
         return self
 
-    def add(self, key: K, *, urgent: bool = False) -> None:
-        """Run ``key`` now (coalesced if already queued); ``urgent``: before ordinary keys."""
-        self.queue.add(key, urgent=urgent)
+    def add(self, key: K, *, lane: int = ORDINARY) -> None:
+        """Run ``key`` now (coalesced if already queued); a lower ``lane`` runs first."""
+        self.queue.add(key, lane=lane)
 
     def add_after(self, key: K, delay: float) -> None:
         self.queue.add_after(key, delay)

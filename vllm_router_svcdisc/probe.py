@@ -8,8 +8,9 @@ for a whole interval, and a LoRA adapter loaded on some pods is seen or not by c
 Probes follow change, not a timer alone.  Pods are keys of one
 :class:`~vllm_router_svcdisc.poller.Poller`:
 
-- a pod nobody has probed (a new pod, a new address) goes to the work queue's urgent lane, so
-  it is never queued behind re-probes — it is not routable until probed;
+- a pod nobody has probed (a new pod, a new address) goes to an early lane of the work queue,
+  so it is never queued behind re-probes — it is not routable until probed — and the first pod
+  of each Service that is not routable yet goes before every other;
 - a pod back from a readiness blip keeps its models (it is routable at once) and is re-probed
   soon, in the ordinary lane;
 - a pod whose ``/metrics`` shows requests for a LoRA adapter its last probe did not list
@@ -45,6 +46,11 @@ from .clock import SYSTEM_CLOCK, Clock
 from .http import EngineCallError, EnginePool, expect_ok, fetch
 from .poller import FAILED, GONE, HealthBook, Poller, Step
 from .types import ModelInfo
+from .workqueue import ORDINARY
+
+#: Work-queue lanes: the first pod of a Service that is not routable yet, other pods whose
+#: models are unknown (and adapter re-probes), then everything else.
+FIRST, NEW = 0, 1
 
 log = logging.getLogger(__name__)
 
@@ -279,22 +285,22 @@ class ModelProber:
         meanwhile); a pod that only changed Services keeps its schedule.  Only updates the
         prober's own state: never blocks, never calls back.
         """
-        lanes: list[tuple[str, bool]] = []  # (URL, urgent)
+        lanes: list[tuple[str, int]] = []  # (URL, lane)
         with self._cond:
             for target in targets:
                 tracked = target.url in self._targets
                 self._targets[target.url] = target
                 if target.kind == "pod" and target.fresh:
-                    lanes.append((target.url, True))
+                    lanes.append((target.url, FIRST if target.first else NEW))
                 elif not tracked:
-                    lanes.append((target.url, False))
+                    lanes.append((target.url, ORDINARY))
             for url in gone:
                 self._targets.pop(url, None)
                 self._logged.pop(url, None)
                 self._models_of.pop(url, None)
                 self._asked.pop(url, None)
-        for url, urgent in lanes:
-            self._poller.add(url, urgent=urgent)
+        for url, lane in lanes:
+            self._poller.add(url, lane=lane)
         for url in gone:
             self._poller.forget(url)
 
@@ -313,7 +319,7 @@ class ModelProber:
             self.adapter_reprobes_total += 1
         log.info("pod %s runs LoRA adapter(s) %s it did not list: probing its models again",
                  url, ", ".join(sorted(unlisted)))
-        self._poller.add(url, urgent=True)
+        self._poller.add(url, lane=NEW)
 
     def _background_delay(self) -> float:
         """Seconds until a pod's next background re-probe: ``interval`` (±10 %), later when

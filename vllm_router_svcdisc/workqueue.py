@@ -13,9 +13,11 @@ held-back key is due, the others wait until a key is ready for them, so a key co
 one thread, not every idle one (with 32 workers and a thousand pods a second that was most of the
 queue's CPU: docs/benchmarks.md).
 
-Two lanes: ``add(key, urgent=True)`` puts a key ahead of every key of the ordinary lane (and
-moves it there if it already waits in it).  The prober puts pods nobody has probed yet there, so
-a new pod is never queued behind thousands of background re-probes coming due.
+Lanes: ``add(key, lane=n)`` puts a key ahead of every key of a higher-numbered lane (and moves
+it up if it already waits in one); keys coming due and plain adds go to the last lane,
+:data:`ORDINARY`.  The prober puts the first pod of each new Service in lane 0 and other new
+pods in lane 1, so a new pod is never queued behind thousands of re-probes coming due, and
+every Service's first pod is probed before any Service's second.
 
 Semantics follow client-go with one deliberate difference: ``shut_down`` drops what is still
 queued, because the prober and the scraper shut their queue down to close, and closing must not
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: A blocking ``get`` re-checks the clock at least this often (bounds every wait).
 _MAX_WAIT = 1.0
+#: Lanes of ready keys: 0 is served first; the last one, ORDINARY, takes plain adds and keys
+#: coming due.
+LANES = 3
+ORDINARY = LANES - 1
 
 
 class WorkQueue(Generic[K]):
@@ -57,12 +63,12 @@ class WorkQueue(Generic[K]):
         self._timer = threading.Condition(lock)
         self._timing = False
         self.wakeups = 0  # waits that ended (notified or timed out): what idle threads cost
-        # Ready keys, urgent lane first.  A deque entry is only a hint: the sets below are the
-        # truth, and an entry whose key moved lanes or was handed out already is skipped.
-        self._ready: deque[K] = deque()
-        self._urgent: deque[K] = deque()
+        # Ready keys by lane, lane 0 first.  A deque entry is only a hint: ``_dirty`` and
+        # ``_lane`` are the truth, and an entry whose key moved up or was handed out already
+        # is skipped.
+        self._lanes: tuple[deque[K], ...] = tuple(deque() for _ in range(LANES))
         self._dirty: set[K] = set()  # queued, or to be queued again once processed
-        self._dirty_urgent: set[K] = set()  # the dirty keys of the urgent lane
+        self._lane: dict[K, int] = {}  # the lane of each dirty key not in the last lane
         self._processing: set[K] = set()
         self._due: dict[K, float] = {}  # held back until then (the earliest wins)
         self._heap: list[tuple[float, int, K]] = []  # (due, order, key); superseded ones skipped
@@ -72,13 +78,15 @@ class WorkQueue(Generic[K]):
 
     # -- adding ------------------------------------------------------------------------------
 
-    def add(self, key: K, *, urgent: bool = False) -> None:
+    def add(self, key: K, *, lane: int = ORDINARY) -> None:
         """Queue ``key`` now; no-op while it is already queued; after it if in process.
 
-        ``urgent``: ahead of every ordinary key (an ordinary key already queued moves up).
+        ``lane``: ahead of every key of a higher lane (a key already queued in one moves up).
         """
+        if not 0 <= lane <= ORDINARY:
+            raise ValueError(f"lane must be within 0..{ORDINARY}")
         with self._cond:
-            self._add(key, urgent)
+            self._add(key, lane)
 
     def add_after(self, key: K, delay: float) -> None:
         """Queue ``key`` once ``delay`` seconds have passed (at once when ``delay`` <= 0)."""
@@ -161,17 +169,17 @@ class WorkQueue(Generic[K]):
         with self._cond:
             self._processing.discard(key)
             if key in self._dirty and not self._shut_down:
-                (self._urgent if key in self._dirty_urgent else self._ready).append(key)
+                self._lanes[self._lane.get(key, ORDINARY)].append(key)
                 self._cond.notify()
 
     def shut_down(self) -> None:
         """Wake every waiting ``get`` (it returns None); later adds are ignored."""
         with self._cond:
             self._shut_down = True
-            self._ready.clear()
-            self._urgent.clear()
+            for lane in self._lanes:
+                lane.clear()
             self._dirty.clear()
-            self._dirty_urgent.clear()
+            self._lane.clear()
             self._due.clear()
             self._heap.clear()
             self._cond.notify_all()
@@ -189,32 +197,32 @@ class WorkQueue(Generic[K]):
 
     # -- internals (the caller holds the condition) --------------------------------------------
 
-    def _add(self, key: K, urgent: bool = False) -> None:
+    def _add(self, key: K, lane: int = ORDINARY) -> None:
         if self._shut_down:
             return
         if key in self._dirty:
-            if urgent and key not in self._dirty_urgent:  # move up; its old entry is skipped
-                self._dirty_urgent.add(key)
+            if lane < self._lane.get(key, ORDINARY):  # move up; its old entry is skipped
+                self._lane[key] = lane
                 if key not in self._processing:
-                    self._urgent.append(key)
+                    self._lanes[lane].append(key)
                     self._cond.notify()
             return
         self._dirty.add(key)
-        if urgent:
-            self._dirty_urgent.add(key)
+        if lane < ORDINARY:
+            self._lane[key] = lane
         if key not in self._processing:
-            (self._urgent if urgent else self._ready).append(key)
+            self._lanes[lane].append(key)
             self._cond.notify()
 
     def _pop_ready(self) -> K | None:
-        """The next ready key (urgent lane first), marked in process; None when none is."""
-        for lane, urgent in ((self._urgent, True), (self._ready, False)):
+        """The next ready key (lane 0 first), marked in process; None when none is."""
+        for number, lane in enumerate(self._lanes):
             while lane:
                 key = lane.popleft()
                 if (key in self._dirty and key not in self._processing
-                        and (key in self._dirty_urgent) == urgent):
+                        and self._lane.get(key, ORDINARY) == number):
                     self._dirty.discard(key)
-                    self._dirty_urgent.discard(key)
+                    self._lane.pop(key, None)
                     self._processing.add(key)
                     return key
         return None

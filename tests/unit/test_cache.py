@@ -120,7 +120,8 @@ def test_probe_requests_are_made_under_the_lock_in_state_order(cache: Any) -> No
                                             endpoint("p2", "10.1.0.2")]))])
     c.apply_service_changes([delete("ns/svc")])
     assert recorder.calls == [
-        ([ProbeTarget(P1, "p1", ("ns/svc",))], [], 2),
+        # p1 can make the Service routable: first; p2 is second of a Service not routable
+        ([ProbeTarget(P1, "p1", ("ns/svc",), first=True)], [], 2),
         ([ProbeTarget(P2, "p2", ("ns/svc",))], [], 3),  # only the pod that became ready
         ([], [P1, P2], 4),
     ]

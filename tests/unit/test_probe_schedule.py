@@ -43,8 +43,8 @@ def url(i: int) -> str:
     return f"http://10.0.{i // 250}.{i % 250}:8000"
 
 
-def target(i: int, *, fresh: bool = True) -> ProbeTarget:
-    return ProbeTarget(url(i), f"pod-{i}", ("default/svc",), fresh=fresh)
+def target(i: int, *, fresh: bool = True, first: bool = False) -> ProbeTarget:
+    return ProbeTarget(url(i), f"pod-{i}", ("default/svc",), fresh=fresh, first=first)
 
 
 @pytest.fixture
@@ -70,6 +70,14 @@ def test_a_new_pod_is_probed_before_every_background_re_probe_that_came_due(cloc
     clock.advance(20.0)  # every background re-probe is due now
     prober.schedule([target(99)], [])
     assert run(prober)[0] == url(99)
+
+
+def test_first_pods_of_services_go_before_other_new_pods_told_earlier(clock) -> None:
+    """A LIST handed over in parts: every part's first pods before any part's other pods."""
+    prober, _engines = make(clock)
+    prober.schedule([target(0, first=True), target(1), target(2)], [])
+    prober.schedule([target(3, first=True), target(4), target(5)], [])
+    assert run(prober) == [url(0), url(3), url(1), url(2), url(4), url(5)]
 
 
 def test_a_pod_back_from_a_blip_is_re_probed_soon_behind_new_pods_and_a_moved_one_not(

@@ -52,31 +52,34 @@ def test_a_key_in_process_is_not_handed_out_again_but_runs_once_more_after(queue
     assert queue.get(timeout=0) is None
 
 
-def test_urgent_keys_come_out_before_every_ordinary_one_and_a_queued_key_moves_up(
-        queue) -> None:
+def test_lower_lanes_come_out_first_and_a_queued_key_moves_up(queue) -> None:
     for key in ("a", "b", "c"):
         queue.add(key)
-    queue.add("n", urgent=True)
-    queue.add("b", urgent=True)  # already queued: moves up, not queued twice
-    queue.add("n")  # already urgent: stays urgent
-    assert len(queue) == 4
-    assert drain(queue) == ["n", "b", "a", "c"]
+    queue.add("n", lane=1)
+    queue.add("f", lane=0)
+    queue.add("b", lane=1)  # already queued: moves up, not queued twice
+    queue.add("n")  # already in a lower lane: stays there
+    queue.add("f", lane=1)  # likewise
+    assert len(queue) == 5
+    assert drain(queue) == ["f", "n", "b", "a", "c"]
 
 
-def test_an_urgent_add_during_processing_runs_next_in_the_urgent_lane(queue) -> None:
+def test_a_lane_given_during_processing_holds_for_the_run_after(queue) -> None:
     queue.add("a")
     queue.add("b")
     assert queue.get(timeout=0) == "a"
-    queue.add("a", urgent=True)
+    queue.add("a", lane=0)
     queue.done("a")
     assert drain(queue) == ["a", "b"]
 
 
-def test_keys_coming_due_join_the_ordinary_lane_behind_urgent_ones(queue, clock) -> None:
+def test_keys_coming_due_join_the_ordinary_lane_behind_the_others(queue, clock) -> None:
     queue.add_after("late", 1.0)
     clock.advance(1.0)
-    queue.add("new", urgent=True)
+    queue.add("new", lane=1)
     assert drain(queue) == ["new", "late"]
+    with pytest.raises(ValueError):
+        queue.add("x", lane=3)
 
 
 def test_add_after_holds_a_key_back_until_due(queue, clock) -> None:
@@ -150,7 +153,7 @@ def test_random_operations_never_hand_a_key_to_two_workers_or_lose_one(queue, cl
         op = rng.random()
         key = rng.choice("abcde")
         if op < 0.4:
-            queue.add(key, urgent=rng.random() < 0.3)
+            queue.add(key, lane=rng.choice([0, 1, 2, 2, 2]))
             owed.add(key)
         elif op < 0.5:
             queue.add_after(key, rng.choice([0.5, 1.0, 2.0]))
