@@ -899,6 +899,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds to wait for sync and for all Services routable")
     parser.add_argument("--only-scale", action="store_true",
                         help="run only the scale step (implies --scale)")
+    parser.add_argument("--scale-probed-timeout", type=float,
+                        help="scale: seconds to wait for every pod's first model probe before "
+                             "the flips (default: --scale-timeout)")
     parser.add_argument("--flip-timeout", type=float, default=30.0,
                         help="scale: seconds a whole-Service flip may take to show (else missed)")
     parser.add_argument("--steady-seconds", type=float, default=300.0,
