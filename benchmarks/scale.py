@@ -408,8 +408,11 @@ def run_steady(discovery: Any, host: Host, names: list[str], args: Any,
             out["tracemalloc_growth_minute1_to_end"] = _tm_lines(
                 last.compare_to(first_snapshot, "lineno")[:25])
         out["tracemalloc_alive_end_library"] = _tm_alive(last)
+        # (current, peak) traced, and tracemalloc's own memory: with the minute-1 snapshot
+        # held, it is what makes RSS grow in a traced run, not the library
         out["tracemalloc_traced_mb"] = [round(v / 1048576, 1)
                                         for v in tracemalloc.get_traced_memory()]
+        out["tracemalloc_own_mb"] = round(tracemalloc.get_tracemalloc_memory() / 1048576, 1)
     return out
 
 
