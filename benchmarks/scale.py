@@ -384,7 +384,11 @@ def run_steady(discovery: Any, host: Host, names: list[str], args: Any,
         host.call("up", name)
     end = time.monotonic()
     counts = _farm_counts(host.call("stats"))
-    samples.append({"t_s": round(end - start, 1), "rss_mb": rss_mb(), "final": True})
+    last = end - previous[0]
+    samples.append({"t_s": round(end - start, 1), "rss_mb": rss_mb(), "final": True,
+                    "requests_per_s_by_path": {
+                        k: round((v - previous[1].get(k, 0)) / last, 1) if last > 0 else None
+                        for k, v in counts.items()}})
     elapsed = end - start
     models = counts.get("/v1/models", 0) - base.get("/v1/models", 0)
     out["flips"] = flips
