@@ -47,8 +47,8 @@ from benchmarks._common import (
     wait_reflected,
 )
 from benchmarks.engine_farm import EngineFarm
+from benchmarks.scale import run_scale, scale_markdown, scale_targets
 from vllm_router_svcdisc.discovery import K8sServiceDiscovery
-from vllm_router_svcdisc.publisher import Buckets
 from vllm_router_svcdisc.scraper import EngineStatsScraper, parse_metrics_body
 from vllm_router_svcdisc.sim.cluster import SimCluster, SimPod
 
@@ -328,86 +328,7 @@ def measure_flips(cluster: SimCluster, discovery: K8sServiceDiscovery, names: li
     return {**summarize(flips, 1000.0), "missed": missed}
 
 
-# -- scale: 1 000 and 10 000 Services x 10 pods ---------------------------------------------------
-
-
-def run_scale(size: int, farm: EngineFarm, args: argparse.Namespace) -> dict[str, Any]:
-    """Discovery alone (no scraper) at ``size`` headless Services x ``--scale-replicas`` pods,
-    slices split at 100: start-up, flips, the cost of one publish, the read path."""
-    replicas = args.scale_replicas
-    result: dict[str, Any] = {"services": size, "pods": size * replicas}
-    cluster = SimCluster(engine_port=farm.port, engine_factory=farm.engine_factory())
-    discovery: K8sServiceDiscovery | None = None
-    try:
-        cluster.start()
-        t = time.monotonic()
-        names = [f"x{size}-{i:05d}" for i in range(size)]
-        for name in names:
-            cluster.add_service(name, replicas=replicas, headless=True, port=farm.port)
-        result["cluster_setup_s"] = round(time.monotonic() - t, 1)
-        progress(f"scale {size}: cluster of {size * replicas} pods set up in "
-                 f"{result['cluster_setup_s']} s")
-        time.sleep(0.5)  # the farm learns the pod IPs
-        rss_before = rss_mb()
-        t0 = time.monotonic()
-        discovery = make_discovery(cluster, "service")
-        synced = discovery.wait_until_synced(args.scale_timeout)
-        result["sync_s"] = round(time.monotonic() - t0, 3) if synced else None
-        routable = wait_for(lambda: len(discovery.get_endpoint_info()) == size,
-                            args.scale_timeout)
-        result["all_routable_s"] = round(time.monotonic() - t0, 3) if routable else None
-        result["routable_at_end_of_wait"] = len(discovery.get_endpoint_info())
-        # a Service is routable after its first pod's probe; the flips below wait for the
-        # rest, so that they measure a change alone and not the tail of start-up's probes
-        probed = wait_for(lambda: len(discovery.get_pod_endpoint_info()) == size * replicas,
-                          args.scale_timeout)
-        result["all_pods_probed_s"] = round(time.monotonic() - t0, 3) if probed else None
-        publishes, seconds = discovery._cache.publish_stats()
-        result["startup_publishes"] = publishes
-        result["startup_publish_s"] = round(seconds, 3)
-        result["rss_in_process_growth_mb"] = round(rss_mb() - rss_before, 1)
-        progress(f"scale {size}: synced {result['sync_s']} s, all routable "
-                 f"{result['all_routable_s']} s ({result['routable_at_end_of_wait']} routable), "
-                 f"{publishes} publishes in {result['startup_publish_s']} s")
-
-        before = discovery._cache.publish_stats()
-        result["flip_ms"] = measure_flips(cluster, discovery, names, args.flips)
-        after = discovery._cache.publish_stats()
-        count = after[0] - before[0]
-        result["publish_us_per_publish"] = (round((after[1] - before[1]) / count * 1e6, 1)
-                                            if count else None)  # view rebuild + publish
-        result["flip_publishes"] = count
-        progress(f"scale {size}: flips {result['flip_ms']}, "
-                 f"{result['publish_us_per_publish']} us per publish")
-
-        kw = {"batches": args.batches, "per_batch": 1000}
-        result["get_endpoint_info_ns"] = time_per_call(discovery.get_endpoint_info, **kw)
-        discovery.routing = "pod"
-        try:
-            result["get_endpoint_info_pod_ns"] = time_per_call(discovery.get_endpoint_info, **kw)
-        finally:
-            discovery.routing = "service"
-        snapshot = discovery.get_snapshot()
-        few = {"batches": 20, "per_batch": 50}
-        def first_read(frozen: Buckets[Any, Any]) -> float:
-            """Build the list from the same frozen buckets, not memoised: what the first
-            reader of a new snapshot pays."""
-            return round(time_per_call(lambda: Buckets(frozen._buckets, len(frozen)).flat_values(),
-                                       **few) / 1000, 1)
-
-        result["first_read_us"] = {
-            "endpoint_infos": first_read(snapshot.service_infos),
-            "pod_infos": first_read(snapshot.pod_buckets),
-            "entries": [len(snapshot.services), len(snapshot.endpoint_infos),
-                        len(snapshot.pod_infos)],
-        }
-        progress(f"scale {size}: read {result['get_endpoint_info_ns']} ns, "
-                 f"first reads {result['first_read_us']}")
-        return result
-    finally:
-        if discovery is not None:
-            discovery.close()
-        cluster.stop()
+# -- scale: 1 000 and 10 000 Services x 10 pods: benchmarks/scale.py ---------------------------
 
 
 def read_path(discovery: K8sServiceDiscovery, scraper: EngineStatsScraper,
@@ -811,83 +732,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _scale_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    scale = {int(k): v for k, v in results.get("scale", {}).items() if "error" not in v}
-    rows: list[dict[str, Any]] = []
-    if not scale:
-        return rows
-    big = max(scale)
-    top = scale[big]
-    p99 = top["flip_ms"].get("p99")
-    rows.append({"target": f"scale: readiness flip -> reflected p99 at {big} Services",
-                 "goal": "<= 20 ms", "measured": f"{p99} ms",
-                 "met": p99 is not None and p99 <= 20})
-    small = min(scale)
-    a, b = scale[small].get("publish_us_per_publish"), top.get("publish_us_per_publish")
-    if small != big and a and b:
-        rows.append({"target": f"scale: cost of one change (view rebuild + publish), "
-                               f"{small} -> {big} Services",
-                     "goal": "flat (<= 2x)", "measured": f"{a} -> {b} us ({b / a:.1f}x)",
-                     "met": b / a <= 2.0})
-    routable = top.get("all_routable_s")
-    rows.append({"target": f"scale: all {big} Services routable (model probes included)",
-                 "goal": "<= 30 s",
-                 "measured": f"{routable} s" if routable is not None else
-                 f"not within {results['meta']['args']['scale_timeout']} s "
-                 f"({top.get('routable_at_end_of_wait')} routable)",
-                 "met": routable is not None and routable <= 30})
-    rss = results.get("scale_rss", {})
-    if "rss_after_sync_mb" in rss:
-        end = rss["rss_all_routable_mb"] if rss.get("all_routable_s") else rss["rss_after_sync_mb"]
-        stage = "all routable" if rss.get("all_routable_s") else "after sync"
-        growth = round(end - rss["rss_before_discovery_mb"], 1)
-        rows.append({"target": f"scale: discovery RSS growth at {rss['pods']} endpoints "
-                               f"(isolated process, {stage})",
-                     "goal": "<= 300 MiB", "measured": f"{growth} MiB", "met": growth <= 300})
-    return rows
+    return scale_targets(results)
 
 
 def _scale_markdown(results: dict[str, Any]) -> list[str]:
-    scale = results.get("scale")
-    if not scale:
-        return []
-    out = ["", "## Scale", "",
-           "Headless Services x 10 pods (slices split at 100), engines in the farm process, "
-           "discovery alone (no scraper), in-process API server.", "",
-           "| Services | pods | cluster setup s | informer sync s | all routable s | "
-           "every pod probed s | publishes during start-up (s spent) | "
-           "flip -> reflected ms p50 / p99 / max | "
-           "us per change (flips) | get_endpoint_info ns svc / pod | "
-           "first read of a new snapshot's list us: Services / pods |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for size, m in scale.items():
-        if "error" in m:
-            out.append(f"| {size} | error: {m['error']} | | | | | | | | | |")
-            continue
-        c = m["first_read_us"]
-        routable = (m["all_routable_s"] if m["all_routable_s"] is not None
-                    else f"- ({m['routable_at_end_of_wait']} at timeout)")
-        out.append(f"| {size} | {m['pods']} | {m['cluster_setup_s']} | {m['sync_s']} | "
-                   f"{routable} | {m.get('all_pods_probed_s')} | "
-                   f"{m['startup_publishes']} ({m['startup_publish_s']}) | "
-                   f"{_ms(m['flip_ms'])} | {m['publish_us_per_publish']} | "
-                   f"{m['get_endpoint_info_ns']} / {m['get_endpoint_info_pod_ns']} | "
-                   f"{c['endpoint_infos']} / {c['pod_infos']} |")
-    rss = results.get("scale_rss")
-    if rss:
-        out += [""]
-        if "error" in rss:
-            out.append(f"Isolated RSS step: error: {rss['error']}")
-        else:
-            out.append(
-                f"Isolated RSS step ({rss['services']} Services, {rss['pods']} endpoints, "
-                f"discovery only, `python -c` process): imports {rss['rss_imports_mb']} MiB, "
-                f"before discovery {rss['rss_before_discovery_mb']} MiB, after sync "
-                f"({rss['sync_s']} s) {rss['rss_after_sync_mb']} MiB, all routable "
-                f"({rss['all_routable_s']} s) {rss['rss_all_routable_mb']} MiB, peak "
-                f"{rss['rss_peak_mb']} MiB; API requests "
-                + (", ".join(f"{k} {v}" for k, v in rss.get("api_requests", {}).items())
-                   or "-") + ".")
-    return out
+    return scale_markdown(results, _ms)
 
 
 def _fmt_causes(causes: dict[str, int]) -> str:
@@ -1024,7 +873,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="preStop sleep of the *_prestop scenarios (seconds)")
     parser.add_argument("--crash-endpoint-delay", type=float, default=1.0)
     parser.add_argument("--outage", type=float, help="API outage seconds (default 2; quick 1)")
-    parser.add_argument("--flips", type=int, help="readiness flips per size (200; quick 40)")
+    parser.add_argument("--flips", type=int, help="readiness flips per size (200; quick 40; "
+                        "scale: whole Services flipped down and back)")
     parser.add_argument("--quiet", type=float, help="quiet window seconds (5; quick 2)")
     parser.add_argument("--batches", type=int, help="read-path batches of 1000 calls (300; 50)")
     parser.add_argument("--scrape-pods", type=int, help="pods to scrape (1000; quick 200)")
@@ -1049,6 +899,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds to wait for sync and for all Services routable")
     parser.add_argument("--only-scale", action="store_true",
                         help="run only the scale step (implies --scale)")
+    parser.add_argument("--scale-probed-timeout", type=float,
+                        help="scale: seconds to wait for every pod's first model probe before "
+                             "the flips (default: --scale-timeout)")
+    parser.add_argument("--flip-timeout", type=float, default=30.0,
+                        help="scale: seconds a whole-Service flip may take to show (else missed)")
+    parser.add_argument("--steady-seconds", type=float, default=300.0,
+                        help="scale: steady churn phase with RSS sampled (seconds)")
+    parser.add_argument("--steady-flip-every", type=float, default=1.0,
+                        help="scale: one Service flipped down this often in the steady phase")
+    parser.add_argument("--steady-down-for", type=float, default=2.0,
+                        help="scale: seconds a flipped Service stays not ready")
+    parser.add_argument("--rss-sample-interval", type=float, default=60.0,
+                        help="scale: RSS and engine request counts sampled this often")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="scale: trace allocations of the measured process (leak hunting; "
+                             "slows it and adds to its RSS)")
     parser.add_argument("--farm-port", type=int, default=18080)
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -1083,7 +949,8 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(terse=True),
         "informer": "InformerConfig(backoff_initial=0.05, backoff_cap=1, "
                     "watch_timeout_range=(30, 60))",
-        "probe": "ProbeConfig(interval=60, timeout=2)",
+        "probe": ("library defaults (no informer_config / probe_config) in the scale step; "
+                  "elsewhere " if args.scale else "") + "ProbeConfig(interval=60, timeout=2)",
         "churn": (f"{args.churn_services} ClusterIP Services x {REPLICAS} pods (in-process "
                   f"engines, mini kube-proxy), {args.duration:g} s of churn each, "
                   f"{args.clients} client threads at {args.rate:g} req/s total "
@@ -1111,8 +978,8 @@ def main(argv: list[str] | None = None) -> int:
                     progress(f"churn {scenario} / {routing}: {r.get('sent')} sent, "
                              f"{r.get('failed')} failed {r.get('failed_by_cause', '')}, "
                              f"reflected {r.get('reflect_ms', r.get('error'))}")
-        if not (args.skip_micro and args.skip_scrape and not args.scale):
-            lifetime = (300 if args.quick else 1500) + 1500 * args.scale
+        if not (args.skip_micro and args.skip_scrape):
+            lifetime = 300 if args.quick else 1500
             farm = EngineFarm(args.farm_port, max_seconds=lifetime).start()
             progress(f"engine farm pid {farm._proc.pid if farm._proc else '?'} "
                      f"on 0.0.0.0:{farm.port}")
@@ -1124,28 +991,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_scrape and farm is not None:
             progress(f"scrape {args.scrape_pods} pods")
             results["scrape"] = run_scrape(farm, args)
-        if args.scale and farm is not None:
+        if farm is not None:
+            farm.stop()  # the scale and RSS steps bring their own processes
+            farm = None
+        if args.scale:
             results["scale"] = {}
             for size in args.scale_sizes:
                 progress(f"scale {size} Services x {args.scale_replicas} pods")
                 try:
-                    results["scale"][str(size)] = run_scale(size, farm, args)
+                    results["scale"][str(size)] = run_scale(size, args)
                 except Exception as exc:  # report it, run the rest
                     exit_code = 1
                     results["scale"][str(size)] = {"error": f"{exc.__class__.__name__}: {exc}"}
-        if farm is not None:
-            farm.stop()  # the RSS steps bring their own processes
-            farm = None
-        if args.scale:
-            size = max(args.scale_sizes)
-            progress(f"scale rss: discovery alone, {size} Services x {args.scale_replicas} pods")
-            try:
-                results["scale_rss"] = run_rss(size, args, replicas=args.scale_replicas,
-                                               scrape=False)
-            except Exception as exc:
-                exit_code = 1
-                results["scale_rss"] = {"error": f"{exc.__class__.__name__}: {exc}"}
-            progress(f"scale rss: {results['scale_rss']}")
+                progress(f"scale {size}: done")
         if not args.skip_rss:
             progress(f"rss: discovery + scraper alone, {args.rss_size} Services x 4 pods")
             try:

@@ -8,7 +8,8 @@ line:
 
 ``up IP MODEL`` (known pod), ``drain IP`` (keeps answering, but closes each connection after
 its response, like uvicorn after SIGTERM), ``down IP`` (connections reset, like a stopped pod),
-``blackhole IP...`` (accept and read, never answer), ``clear`` (no black holes), ``quit``.
+``blackhole IP...`` (accept and read, never answer), ``clear`` (no black holes), ``stats``
+(answered with one ``STATS {json}`` line on stdout: requests served by path), ``quit``.
 
 The process prints ``READY <port>`` once listening, exits on ``quit``, on stdin EOF (the parent
 died) and after ``--max-seconds`` at the latest.  Run it as ``python benchmarks/engine_farm.py``;
@@ -39,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the library importable fo
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _HOLD_LIMIT = 300.0  # a black-holed connection is held at most this long
 _IDLE_LIMIT = 120.0  # an idle keep-alive connection is closed after this long
+_COUNTED = ("/v1/models", "/metrics", "/health", "other")
 
 
 class _Farm:
@@ -50,6 +52,8 @@ class _Farm:
         self._pages: dict[str, bytes] = {}
         self._model_lists: dict[str, bytes] = {}
         self.served = 0
+        #: requests answered, by path (what the library's probes and checks cost the engines)
+        self.by_path: dict[str, int] = dict.fromkeys(_COUNTED, 0)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -74,6 +78,12 @@ class _Farm:
             self.blackhole.update(args)
         elif verb == "clear":
             self.blackhole.clear()
+        elif verb == "stats":
+            line = json.dumps({"served": self.served, "by_path": dict(self.by_path),
+                               "pods": len(self.models), "down": len(self.down),
+                               "time": time.monotonic()})
+            sys.stdout.write(f"STATS {line}\n")
+            sys.stdout.flush()
         return True
 
     # -- payloads (rendered once per model: every pod of a model has the same page) -----------
@@ -142,6 +152,8 @@ class _Farm:
                 writer.close()
 
     def _route(self, ip: str, method: str, path: str) -> tuple[int, str, bytes]:
+        counted = path if path in _COUNTED else "other"
+        self.by_path[counted] += 1
         model = self.models.get(ip, DEFAULT_MODEL)
         if path == "/metrics" and method == "GET":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics_page(model)
@@ -266,6 +278,31 @@ class EngineFarm:
 
     def clear(self) -> None:
         self.send("clear")
+
+    def stats(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        """Requests the farm answered so far, by path (None when it does not answer in time).
+
+        Only one caller at a time reads the farm's stdout (the ``READY`` line is long gone).
+        """
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return None
+        self.send("stats")
+        deadline = time.monotonic() + timeout
+        for _ in range(1000):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([proc.stdout], [], [], left)
+            if not ready:
+                return None
+            line = proc.stdout.readline()
+            if not line:
+                return None
+            if line.startswith("STATS "):
+                stats: dict[str, Any] = json.loads(line[len("STATS "):])
+                return stats
+        return None
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -41,16 +41,25 @@ def test_churn_quick_runs_and_writes_results(tmp_path: Path) -> None:
 def test_scale_step_runs_and_writes_results(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "churn.py"), "--only-scale",
            "--scale-sizes", "2", "4", "--scale-replicas", "3", "--flips", "4", "--batches", "5",
-           "--scale-timeout", "60", "--farm-port", "0", "--output-dir", str(tmp_path)]
+           "--scale-timeout", "60", "--steady-seconds", "2.5", "--rss-sample-interval", "1",
+           "--steady-flip-every", "0.5", "--steady-down-for", "0.5", "--tracemalloc",
+           "--farm-port", "0", "--output-dir", str(tmp_path)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "churn.json").read_text())
     assert set(results["scale"]) == {"2", "4"}
     for size in results["scale"].values():
-        assert {"sync_s", "all_routable_s", "flip_ms", "publish_us_per_publish",
-                "get_endpoint_info_ns", "first_read_us"} <= size.keys(), size
-    assert {"rss_before_discovery_mb", "rss_after_sync_mb",
-            "rss_all_routable_mb"} <= results["scale_rss"].keys(), results["scale_rss"]
+        assert {"sync_s", "all_routable_s", "flip_down_ms", "flip_up_ms", "get_endpoint_info_ns",
+                "rss_before_discovery_mb", "rss_all_routable_mb", "rss_end_mb",
+                "bytes_per_pod_endpoint", "rss_growth_routable_to_end_mb",
+                "steady"} <= size.keys(), size
+        flips = min(4, size["services"])  # each flip takes a different Service
+        assert size["flip_down_ms"]["count"] == size["flip_up_ms"]["count"] == flips, size
+        steady = size["steady"]
+        assert {"rss_samples_mb", "v1_models_per_s_total", "v1_models_per_s_per_engine",
+                "requests_per_s_by_path", "rss_growth_minute1_to_end_mb",
+                "tracemalloc_alive_end_library"} <= steady.keys(), steady
+        assert size["all_routable_at_end"], size
     assert any(row["target"].startswith("scale:") for row in results["targets"])
     assert "## Scale" in (tmp_path / "churn.md").read_text()
 
