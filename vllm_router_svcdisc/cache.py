@@ -39,7 +39,7 @@ __all__ = ["DiscoveryCache", "ModelProbe", "PortSpec", "ProbeTarget", "ReadOnlyL
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProbeTarget:
     """What the prober checks: a ready pod's ``/v1/models`` (its URL, its name and the Services
     it is an endpoint of), or, ``kind="name"``, that a Service's URL resolves in DNS.
@@ -89,7 +89,8 @@ class DiscoveryCache:
         self._lock = threading.Lock()
         self._store = ServiceStore()
         self._probes: dict[str, ModelProbe] = {}  # pod URL -> its last probe
-        self._services_of: dict[str, set[str]] = {}  # ready pod URL -> its Services' keys
+        # ready pod URL -> its Services' keys, sorted (a tuple: 100 000 of them, most of one)
+        self._services_of: dict[str, tuple[str, ...]] = {}
         self._check_names = check_names  # Service routing: routers dial the Service's name
         self._name_owner: dict[str, str] = {}  # Service URL -> its Service's key
         self._name_errors: dict[str, str] = {}  # Service URL -> why it did not resolve
@@ -170,7 +171,7 @@ class DiscoveryCache:
                 self._probes[url] = probe
                 if probe.ok:
                     self._ever_seen_models.update(probe.models)
-                touched |= services
+                touched.update(services)
             self._refresh(touched)
 
     def set_candidates(self, verdicts: Mapping[str, object | None]) -> None:
@@ -187,7 +188,7 @@ class DiscoveryCache:
                     if self._candidates.get(url) == reason:
                         continue
                     self._candidates[url] = reason
-                touched |= self._services_of.get(url, set())
+                touched.update(self._services_of.get(url, ()))
             if touched:
                 self._refresh(touched)
 
@@ -278,14 +279,19 @@ class DiscoveryCache:
 
     def _index(self, key: str, before: set[str], after: set[str]) -> set[str]:
         """Update which Services each ready pod belongs to; returns the pods that moved."""
+        of = self._services_of
         for url in before - after:
-            services = self._services_of.get(url)
+            services = of.get(url)
             if services is not None:
-                services.discard(key)
-                if not services:
-                    del self._services_of[url]
+                rest = tuple(s for s in services if s != key)
+                if rest:
+                    of[url] = rest
+                else:
+                    del of[url]
         for url in after - before:
-            self._services_of.setdefault(url, set()).add(key)
+            services = of.get(url, ())
+            if key not in services:
+                of[url] = tuple(sorted((*services, key)))
         return before ^ after
 
     def _tell_prober(self, urls: Sequence[str], names: dict[str, str | None],
@@ -300,7 +306,7 @@ class DiscoveryCache:
                 probe = self._probes.get(url)
                 known = (probe is not None and probe.ok
                          and (probe.pod_name is None or name is None or probe.pod_name == name))
-                targets.append(ProbeTarget(url, name, tuple(sorted(services)), fresh=not known,
+                targets.append(ProbeTarget(url, name, services, fresh=not known,
                                            first=ranks.get(url, 1) == 0))
                 self._departed.pop(url, None)  # back within the blip window: state kept
             else:

@@ -197,7 +197,7 @@ def classify(error: EngineCallError) -> Failure:
     return Failure.BAD_ANSWER
 
 
-@dataclass
+@dataclass(slots=True)
 class PodHealth:
     """Everything learnt about one pod's engine; written under the book's lock, read as a copy.
 

@@ -38,7 +38,7 @@ PortSpec = int | str | None
 NOT_PROBED = "models not probed yet"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelProbe:
     """The outcome of the last ``/v1/models`` probe of one pod."""
 
