@@ -285,18 +285,13 @@ def run_scale(size: int, args: Any) -> dict[str, Any]:
         count = min(args.flips, size)
         for i in range(count):
             name = names[(i * 7919) % size]
-            at = host.call("down", name)
-            latency = wait_listed(discovery, name, False, at, args.flip_timeout)
-            if latency is None:
-                missed["down"] += 1
-            else:
-                down.append(latency)
-            at = host.call("up", name)
-            latency = wait_listed(discovery, name, True, at, args.flip_timeout)
-            if latency is None:
-                missed["up"] += 1
-            else:
-                up.append(latency)
+            for command, listed, latencies in (("down", False, down), ("up", True, up)):
+                at = host.call(command, name)
+                latency = wait_listed(discovery, name, listed, at, args.flip_timeout)
+                if latency is None:
+                    missed[command] += 1
+                else:
+                    latencies.append(latency)
         result["flip_down_ms"] = {**summarize(down, 1000.0), "missed": missed["down"]}
         result["flip_up_ms"] = {**summarize(up, 1000.0), "missed": missed["up"]}
         result["flip_ms"] = result["flip_down_ms"]  # the name older reports used

@@ -1,9 +1,8 @@
 """Internal: a Kubernetes LIST body read one item at a time.
 
 Why not ``json.loads``: a LIST of 10 000 EndpointSlices of 10 pods is a 28 MB body whose
-decoded objects take ~120 MB at once; they are garbage a moment later, but the process keeps
-the memory (measured: the RSS after the first sync was 100 MB higher than with the items
-decoded one by one).  The API server writes ``kind``, ``apiVersion`` and ``metadata`` before
+decoded objects all exist at once; they are garbage a moment later, but the process keeps much
+of that memory.  The API server writes ``kind``, ``apiVersion`` and ``metadata`` before
 ``items``, so the header is read first and the items are decoded as the informer consumes them,
 each with :meth:`json.JSONDecoder.raw_decode` — the standard library's parser, item by item.  A
 body in another order is decoded whole, as before.  ``tests/unit/test_list_body.py``

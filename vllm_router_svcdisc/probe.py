@@ -106,10 +106,11 @@ _SHARED_LISTS_MAX = 1024
 class _SharedModelLists:
     """One models mapping per distinct model list, shared by every pod that serves it.
 
-    At 100 000 pods the parsed cards were most of the probes' memory (each keeps its permission
-    objects), and every pod of a Deployment answers the same list.  An answer is compared
-    without the fields vLLM stamps per answer (``created``, ``permission``), so the shared
-    cards carry those of the first answer seen.  Bounded: cleared past 1 024 distinct lists.
+    Parsed cards were the largest live library allocation in a traced run at 1 000 Services
+    (each keeps its permission objects), and every pod of a Deployment answers the same list.
+    An answer is compared without the fields vLLM stamps per answer (``created``,
+    ``permission``), so the shared cards carry those of the first answer seen.  Bounded:
+    cleared past 1 024 distinct lists.
     """
 
     def __init__(self) -> None:
