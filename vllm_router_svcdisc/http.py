@@ -77,6 +77,11 @@ class EnginePool:
         self._in_flight: set[RequestScope] = set()
         self.closed = False
 
+    @property
+    def pooled_hosts(self) -> int:
+        """How many hosts have a connection pool now (leak checks: one per tracked pod at most)."""
+        return len(self._manager.pools)
+
     def drop_hosts(self, urls: Iterable[str]) -> None:
         """Close the idle connections to these URLs' hosts (pods that left the endpoints).
 
