@@ -250,8 +250,10 @@ class K8sServiceDiscovery:
         #: every pod's health record: liveness checks, probes, scrapes and report_result write it
         self.health_book = HealthBook(clock, on_change=self._judge)
         self._liveness = Liveness(self.health_book, outliers, self._apply_verdicts, clock=clock)
+        # until both informers have synced, only each Service's first pod is probed
         self._prober = ModelProber(self._record_probes, config=probe_config, api_key=api_key,
-                                   clock=clock, health=self.health_book)
+                                   clock=clock, health=self.health_book,
+                                   hold_until_released=True)
         # /metrics readings (liveness checks, scrapes) name the adapters requests run on
         self.health_book.on_adapters = self._prober.adapters_seen
         self._cache = DiscoveryCache(port=port, cluster_domain=cluster_domain,
@@ -269,16 +271,23 @@ class K8sServiceDiscovery:
         # Both informers pass the API client: they share one /readyz recovery checker.
         self._services = Informer("services", list_services, self._apply_service_changes,
                                   label_selector=self.label_selector, config=informer_config,
-                                  clock=clock, api_client=self._api_client)
+                                  clock=clock, api_client=self._api_client,
+                                  on_synced=self._informer_synced)
         self._endpoints = Informer("endpointslices", self._endpoint_source,
                                    self._apply_endpoint_changes, config=informer_config,
-                                   clock=clock, api_client=self._api_client)
+                                   clock=clock, api_client=self._api_client,
+                                   on_synced=self._informer_synced)
         self._closed = False
         self._selector_matched: bool | None = None
         self._liveness.start()
         self._prober.start()
         self._services.start()
         self._endpoints.start()
+
+    def _informer_synced(self) -> None:
+        """Both first LISTs are in: the prober may go past each Service's first pod."""
+        if self._services.has_synced() and self._endpoints.has_synced():
+            self._prober.release()
 
     # -- the public, production-stack-shaped API ----------------------------------------------
 

@@ -6,13 +6,20 @@ engine's answer is never trusted to be small, fast or to point elsewhere.
 It runs on urllib3 directly (what ``requests`` is built on): a ``requests.Session.get`` spends
 more CPU preparing, merging settings and running hooks than urllib3 spends on the whole
 exchange, and the scraper makes a thousand of these calls a second (docs/benchmarks.md).
+A pool made with ``keep_alive=False`` (the model prober: each pod is asked once, and engines
+close idle connections long before the next probe) sends plain-HTTP requests on one
+``http.client`` connection each instead: urllib3's pool manager costs more than the exchange
+when every request goes to a new host (docs/benchmarks.md, "Scale").  Both paths give the
+same answers and the same errors (tests/unit/test_http.py runs every case on both).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import socket
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import urllib3
 from urllib3.exceptions import (
@@ -26,7 +33,7 @@ from urllib3.exceptions import (
 )
 
 from .clock import SYSTEM_CLOCK
-from .deadline import DeadlinePoolManager, RequestScope, deadline_scope
+from .deadline import DeadlinePoolManager, RequestScope, _DeadlineSocket, deadline_scope
 from .errors import SvcDiscError
 
 
@@ -64,13 +71,17 @@ def expect_ok(status: int, what: str) -> None:
 
 
 class EnginePool:
-    """Keep-alive connections to engines: ``pool_size`` per host, for up to ``hosts`` hosts.
+    """Keep-alive connections to engines: ``pool_size`` per host, for up to ``hosts`` hosts
+    (``keep_alive=False``: one connection per plain-HTTP request, closed after it).
 
-    No proxy is ever used (urllib3 reads no environment), nothing is retried or redirected,
-    and every connection honours the whole-request deadline of :func:`fetch`.
+    No proxy is ever used (neither urllib3 nor http.client reads the environment), nothing is
+    retried or redirected, and every connection honours the whole-request deadline of
+    :func:`fetch`.
     """
 
-    def __init__(self, pool_size: int, hosts: int | None = None) -> None:
+    def __init__(self, pool_size: int, hosts: int | None = None, *,
+                 keep_alive: bool = True) -> None:
+        self.keep_alive = keep_alive
         self._manager = DeadlinePoolManager(num_pools=hosts or pool_size, maxsize=pool_size,
                                             block=False, retries=False)
         self._lock = threading.Lock()
@@ -152,6 +163,8 @@ def fetch(
     # identity: the byte cap then bounds what we hold, and no gzip bomb can expand
     request_headers = {"Accept-Encoding": "identity", **(headers or {})}
     with pool._request(deadline):
+        if not pool.keep_alive and url.startswith("http://"):
+            return _fetch_once(url, request_headers, timeout, max_bytes, deadline)
         try:
             response = pool._get(url, request_headers, timeout)
         # urllib3 derives its connection errors from ConnectTimeoutError: subclasses first
@@ -175,43 +188,106 @@ def fetch(
             response.release_conn()
 
 
+class _OneShotConnection(http.client.HTTPConnection):
+    """One request, then closed; its socket honours the request's deadline."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock)
+
+
+def _fetch_once(url: str, headers: Mapping[str, str], timeout: float | tuple[float, float],
+                max_bytes: int, deadline: float) -> tuple[int, bytes]:
+    """:func:`fetch` on a connection of its own (``keep_alive=False``), the same outcomes."""
+    try:
+        parsed = urllib3.util.parse_url(url)
+    except LocationParseError as exc:
+        raise EngineCallError(f"request failed: {exc.__class__.__name__}",
+                              cause="other") from None
+    connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    host = (parsed.host or "").strip("[]")  # an IPv6 literal without its brackets
+    connection = _OneShotConnection(host, parsed.port or 80, timeout=connect)
+    try:
+        try:
+            connection.connect()
+        except socket.gaierror:
+            raise EngineCallError("DNS name does not resolve", cause="dns") from None
+        except TimeoutError:
+            raise EngineCallError("connect timed out", cause="timeout",
+                                  failure="connect_timeout") from None
+        except OSError as exc:
+            raise EngineCallError(_socket_reason(exc), cause="connection", transient=True,
+                                  failure="refused") from None
+        connection.sock.settimeout(read)
+        try:
+            connection.request("GET", parsed.request_uri,
+                               headers={**headers, "Connection": "close"})
+            response = connection.getresponse()
+        except TimeoutError:
+            raise EngineCallError("timed out", cause="timeout", failure="read_timeout") from None
+        except (ConnectionError, http.client.HTTPException) as exc:
+            # urllib3 reports both as "Connection aborted." (a ProtocolError)
+            raise EngineCallError(_socket_reason(exc), cause="connection", transient=True,
+                                  failure="refused") from None
+        except (OSError, ValueError) as exc:
+            raise EngineCallError(f"request failed: {exc.__class__.__name__}",
+                                  cause="other") from None
+        declared = response.getheader("Content-Length")
+        return response.status, _read_capped(response.status, declared, response.read1,
+                                             response.close, max_bytes, deadline)
+    finally:
+        connection.close()
+
+
 def _read_body(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float) -> bytes:
     if 300 <= response.status < 400:
         response.drain_conn()
-        raise EngineCallError(f"HTTP {response.status} redirect refused "
+    # identity was asked for, so a body compressed anyway is not inflated (no bombs)
+    return _read_capped(response.status, response.headers.get("Content-Length"),
+                        lambda size: response.read1(size, decode_content=False),
+                        response.close, max_bytes, deadline)
+
+
+def _read_capped(status: int, declared: str | None, read1: Callable[[int], bytes],
+                 close: Callable[[], None], max_bytes: int, deadline: float) -> bytes:
+    """The body, refused when a redirect, cut at ``max_bytes``, and read by ``deadline``."""
+    if 300 <= status < 400:
+        raise EngineCallError(f"HTTP {status} redirect refused "
                               "(redirects are never followed)", cause="redirect")
-    declared = response.headers.get("Content-Length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        response.close()  # never read: the connection is not reused
+        close()  # never read: the connection is not reused
         raise EngineCallError(f"body of {declared} bytes exceeds the {max_bytes} byte cap",
                               cause="oversize")
     chunks: list[bytes] = []
     size = 0
     try:
         # read1 returns whatever one socket read brings, so the deadline is checked between
-        # trickled bytes too; identity was asked for, so a body compressed anyway is not
-        # inflated (no bombs)
-        while chunk := response.read1(65536, decode_content=False):
+        # trickled bytes too
+        while chunk := read1(65536):
             size += len(chunk)
             if size > max_bytes:
-                response.close()
+                close()
                 raise EngineCallError(f"body exceeds the {max_bytes} byte cap",
                                       cause="oversize")
             chunks.append(chunk)
             if SYSTEM_CLOCK.monotonic() > deadline:
-                response.close()
+                close()
                 raise EngineCallError("timed out reading the body", cause="timeout",
                                       failure="read_timeout")
     except EngineCallError:
         raise
     except (TimeoutError, ReadTimeoutError):
-        response.close()
+        close()
         raise EngineCallError("timed out reading the body", cause="timeout",
                               failure="read_timeout") from None
-    except Exception as exc:  # urllib3 and socket errors of a broken body
-        response.close()
+    except Exception as exc:  # urllib3, http.client and socket errors of a broken body
+        close()
         raise EngineCallError(f"reading the body failed: {exc.__class__.__name__}",
                               cause="connection") from None
+    if declared is not None and declared.isdigit() and size < int(declared):
+        # the engine closed before the length it declared (urllib3 raises; http.client's
+        # read1 only stops)
+        raise EngineCallError("reading the body failed: IncompleteRead", cause="connection")
     return b"".join(chunks)
 
 
@@ -219,8 +295,12 @@ def _connection_reason(exc: Exception) -> str:
     """Refused or reset, from the socket error urllib3 raised this from."""
     cause = exc.__cause__ or exc.__context__
     reason = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else cause
-    if isinstance(reason, ConnectionRefusedError):
+    return _socket_reason(reason)
+
+
+def _socket_reason(error: object) -> str:
+    if isinstance(error, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(reason, ConnectionResetError):
+    if isinstance(error, ConnectionResetError):
         return "connection reset"
     return "connection failed"

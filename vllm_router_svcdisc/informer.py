@@ -234,8 +234,12 @@ class Informer:
         clock: Clock = SYSTEM_CLOCK,
         api_client: Any = None,
         recovery: RecoveryChecker | None = None,
+        on_synced: Callable[[], None] | None = None,
     ) -> None:
+        """``on_synced`` is called once, on the informer's thread, after its first LIST is
+        handed over (what ``wait_until_synced`` waits for; a callback needs no thread)."""
         self.resource = resource
+        self._on_synced = on_synced
         self.config = cfg = config or InformerConfig()
         self._list_func = list_func
         self._handler = handler
@@ -505,7 +509,13 @@ class Informer:
             self._status.lists += 1
             self._status.last_sync_rv = list_rv
             self._status.synced = True
+        first = not self._synced.is_set()
         self._synced.set()
+        if first and self._on_synced is not None:
+            try:
+                self._on_synced()
+            except Exception:  # the informer must outlive a failing consumer
+                log.exception("%s: the synced callback failed", self.resource)
         self._note_progress()
         return None
 

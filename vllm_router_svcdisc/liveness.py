@@ -77,6 +77,7 @@ class Liveness:
         self._pruned_at = clock.monotonic()
         self._random = rng or random.Random()  # where in its first interval a pod is checked
         self.cost_per_check = 0.0003  # CPU-seconds; replaced by the measured average
+        self._first_checks_until = 0.0  # when the first checks of pods tracked so far end
         self.checks_total = 0
         self.skipped_total = 0
 
@@ -96,22 +97,29 @@ class Liveness:
         are kept for a readiness blip).  Never blocks.
 
         A pod's first check comes at a random point of one interval: the model probe that a
-        new or returning pod gets at once is its first result anyway, and 100 000 pods listed
-        at start-up are not all checked in the same second."""
+        new or returning pod gets at once is its first result anyway.  Pods arriving in bulk
+        (100 000 listed at start-up, in parts) have their first checks spread at the rate the
+        CPU budget allows, each part after the one before: stretching the interval alone would
+        let every part start its own round at once."""
+        now = self.clock.monotonic()
         with self._lock:
             self._tracked.update(ready)
             self._tracked.difference_update(gone)
             if self.config.enabled:  # else no check runs and nothing was connected
                 self._departed.extend(gone)
+            # the budget's share of these first checks, after the share of earlier ones
+            start = max(now, self._first_checks_until)
+            share = len(ready) * self.cost_per_check / self.config.cpu_budget
+            self._first_checks_until = start + share
         for url in gone:
             self.book.depart(url)
             self.poller.forget(url)
         self._prune()
-        interval = self.interval
+        window = max(share, self.config.liveness_interval)
         for url in ready:
             self.book.ensure(url)
             if self.config.enabled:
-                self.poller.add_after(url, interval * self._random.random())
+                self.poller.add_after(url, start - now + window * self._random.random())
 
     def _prune(self) -> None:
         """Forget records departed longer than the blip window ago (one sweep a second)."""
@@ -161,6 +169,12 @@ class Liveness:
         if peek is None:
             return GONE
         fresh = peek.last_result
+        if fresh is None and peek.last_failure is None:
+            # nothing heard from the pod yet: its model probe is on its way and it is not
+            # routable before that answers (100 000 pods listed at start-up cost no check)
+            with self._lock:
+                self.skipped_total += 1
+            return Step(True, after=interval)
         if (peek.ejected_reason is None and peek.last_failure is None
                 and fresh is not None and now - fresh < interval):
             # a fresher result came from elsewhere (a scrape, a probe, the router): skip, and

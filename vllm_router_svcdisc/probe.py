@@ -18,7 +18,11 @@ Probes follow change, not a timer alone.  Pods are keys of one
 - everything else is re-probed in the background: at most ``max_background_rate`` probes a
   second in all, each pod at most every ``interval`` (jittered), so at 100 000 pods a round
   takes ``100 000 / max_background_rate`` seconds and costs the same per second as at 2 500;
-- a failed probe is retried after the pod's own backoff.
+- a failed probe is retried after the pod's own backoff;
+- at start-up (``hold_until_released``), until discovery's first LIST of Services and
+  EndpointSlices is in, only the first pod of each Service is probed: the CPU that the LIST and
+  those probes share goes to making every Service routable, not to pods that add nothing to
+  that (the rest follow at once after, or ``STARTUP_HOLD_LIMIT`` seconds at the latest).
 
 A small set of workers does the HTTP calls, so a slow or dead engine costs only its own worker.
 Results go back to the cache in batches (one publish for a wave of results).
@@ -51,6 +55,9 @@ from .workqueue import ORDINARY
 #: Work-queue lanes: the first pod of a Service that is not routable yet, other pods whose
 #: models are unknown (and adapter re-probes), then everything else.
 FIRST, NEW = 0, 1
+#: The longest the other lanes wait for :meth:`ModelProber.release` (a first LIST that keeps
+#: failing part-way must not stop the probes of pods already listed).
+STARTUP_HOLD_LIMIT = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +242,18 @@ class ModelProber:
         clock: Clock = SYSTEM_CLOCK,
         health: HealthBook | None = None,
         fetch: Callable[[str], dict[str, ModelInfo]] | None = None,
+        hold_until_released: bool = False,
     ) -> None:
         """``fetch``: a pod URL's models (raising EngineCallError); the real one does HTTP,
-        unit tests script it."""
+        unit tests script it.  ``hold_until_released``: only the first lane runs until
+        :meth:`release` (discovery calls it when its informers have synced)."""
         self.config = config = config or ProbeConfig()
         self._fetch = fetch or self._fetch_models
         self._record = record
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        # one probe per pod at a time; engines close idle connections long before the next
-        self._session = session or EnginePool(1, hosts=config.workers)
+        # one probe per pod at a time; engines close idle connections long before the next,
+        # so each probe has a connection of its own
+        self._session = session or EnginePool(1, hosts=config.workers, keep_alive=False)
         self._clock = clock
         self._health = health
         self._poller: Poller[str] = Poller("svcdisc-probe", self._probe, interval=config.interval,
@@ -261,6 +271,9 @@ class ModelProber:
         self._interned: dict[frozenset[str], frozenset[str]] = {}  # one set per distinct list
         self._asked: dict[str, frozenset[str]] = {}  # pod URL -> adapters it was re-probed for
         self._next_slot = 0.0  # the earliest time the next background re-probe may run
+        # URL -> lane of pods waiting for release(); None once released (or never held)
+        self._held: dict[str, int] | None = {} if hold_until_released else None
+        self._hold_ends = clock.monotonic() + STARTUP_HOLD_LIMIT
         self._random = random.Random()
         self._stop = self._poller.stopping
         self._thread = threading.Thread(target=self._deliver_batches, name="svcdisc-prober",
@@ -300,10 +313,33 @@ class ModelProber:
                 self._logged.pop(url, None)
                 self._models_of.pop(url, None)
                 self._asked.pop(url, None)
+            held = self._held
+            if held is not None:
+                for url in gone:
+                    held.pop(url, None)
+                held.update((url, lane) for url, lane in lanes if lane != FIRST)
+                lanes = [(url, lane) for url, lane in lanes if lane == FIRST]
         for url, lane in lanes:
             self._poller.add(url, lane=lane)
         for url in gone:
             self._poller.forget(url)
+
+    def release(self) -> None:
+        """Let every lane run: the pods held since start-up are queued (each in its lane)."""
+        with self._cond:
+            held, self._held = self._held, None
+            if not held:
+                return
+            queued = [(url, lane) for url, lane in held.items() if url in self._targets]
+        for url, lane in queued:
+            self._poller.add(url, lane=lane)
+
+    def _end_hold_if_due(self) -> None:
+        """Release the held lanes ``STARTUP_HOLD_LIMIT`` seconds after start at the latest."""
+        if self._held is not None and self._clock.monotonic() >= self._hold_ends:
+            log.warning("the first LIST of Services and EndpointSlices is not in after %g s: "
+                        "probing every listed pod anyway", STARTUP_HOLD_LIMIT)
+            self.release()
 
     def adapters_seen(self, url: str, adapters: frozenset[str]) -> None:
         """``url``'s ``/metrics`` names requests for these LoRA adapters: a pod running one its
@@ -419,9 +455,12 @@ class ModelProber:
     def _deliver_batches(self) -> None:
         """Hand results to the cache in batches, never while holding the prober's lock."""
         while not self._stop.is_set():
+            self._end_hold_if_due()
             with self._cond:
                 while not self._results and not self._stop.is_set():
                     self._cond.wait(1.0)
+                    if self._held is not None and self._clock.monotonic() >= self._hold_ends:
+                        break
                 results, self._results = self._results, []
             if results and not self._stop.is_set():
                 try:

@@ -537,3 +537,28 @@ def test_paged_relist_restarts_on_an_expired_continue_token_and_replaces_once(
         assert recorder.types_for(f"default/s{i}") == [ADDED], recorder.types_for(f"default/s{i}")
     assert recorder.types_for("default/s4") == [ADDED, DELETED]
 
+
+
+def test_on_synced_is_called_once_after_the_first_list_is_handed_over(cluster):
+    """Discovery's start-up hold ends on it: called when the LIST's items are delivered, on the
+    informer's thread, and not again on a relist."""
+    cluster.api.put("services", service("a"))
+    recorder = Recorder()
+    calls: list[set[str]] = []
+    informer = Informer(
+        "services", functools.partial(CoreV1Api(cluster.api_client()).list_namespaced_service,
+                                      "default"),
+        recorder, config=FAST_INFORMER, on_synced=lambda: calls.append(recorder.keys()))
+    informer.start()
+    try:
+        assert informer.wait_until_synced(5), informer.status()
+        wait_for(lambda: len(calls) == 1, 5, lambda: f"on_synced calls: {calls}")
+        assert calls == [{"default/a"}]  # the items were handed over before
+        cluster.api.fail_next(1, 410, verb="watch")
+        cluster.api.cut_watches()  # the re-watch is expired: a relist
+        cluster.api.put("services", service("b"))
+        wait_for(converged(recorder, cluster), 10, mismatch(recorder, cluster))
+        wait_for(lambda: informer.status().lists >= 2, 5, lambda: str(informer.status()))
+        assert len(calls) == 1
+    finally:
+        assert informer.stop(2.0)

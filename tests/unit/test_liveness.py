@@ -62,6 +62,7 @@ def setup() -> tuple[Liveness, Pod, FakeClock, list[tuple[float, Verdict | None]
         rng=FirstAtOnce())
     book.on_change = liveness.evaluate
     liveness.track([URL], [])
+    book.success(URL)  # its model probe answered: the pod is routable, liveness watches it
     return liveness, pod, clock, verdicts
 
 
@@ -87,10 +88,12 @@ def test_checks_run_at_the_interval_and_read_metrics_every_progress_interval() -
     start = clock.now
     run(liveness, clock, 30.0)
     times = [t - start for t, _ in pod.calls]
-    assert len(times) == 30 and all(
+    # the probe's answer at 0 is the pod's first result: the first check one interval after it
+    assert abs(times[0] - 1.0) < 0.13
+    assert len(times) == 29 and all(
         abs(b - a - 1.0) < 0.13 for a, b in itertools.pairwise(times))
     progress = [t - start for t, p in pod.calls if p]
-    assert len(progress) == 3  # at 0, ~10 and ~20 s
+    assert len(progress) == 3  # at ~1, ~11 and ~21 s
 
 
 def test_a_fresher_result_from_elsewhere_skips_the_check() -> None:
@@ -139,11 +142,14 @@ def test_a_wedged_engine_is_ejected_after_the_window_and_returns_when_it_moves()
     run(liveness, clock, 12.0)
     pod.state = "wedged"  # running 2, counters frozen
     wedged = clock.now
+    last_moved = max(t for t, progress in pod.calls if progress)  # the last reading that moved
     run(liveness, clock, 120.0, until=lambda: bool(verdicts))
     at, found = verdicts[0]
     assert found is not None and found.reason is Reason.WEDGED
-    # noticed at the next /metrics reading after the window (readings every progress_interval)
-    assert CONFIG.wedged_after <= at - wedged <= CONFIG.wedged_after + CONFIG.progress_interval
+    # noticed at the first /metrics reading a window after the counters last moved (readings
+    # every progress_interval), so between the window and the window plus one reading
+    assert CONFIG.wedged_after <= at - last_moved <= CONFIG.wedged_after + CONFIG.progress_interval
+    assert at - wedged <= CONFIG.wedged_after + CONFIG.progress_interval
     pod.state = "ok"
     run(liveness, clock, 10.0, until=lambda: verdicts[-1][1] is None)
     assert verdicts[-1][1] is None
@@ -190,6 +196,8 @@ def test_the_interval_stretches_so_checks_stay_within_the_cpu_budget() -> None:
                         cpu_time=lambda: spent[0])
     liveness.cost_per_check = 0.01
     liveness.track(pods, [])
+    for url in pods:
+        book.success(url)  # their model probes answered
     run(liveness, clock, 20.0)
     assert liveness.interval == pytest.approx(2.0)
     gaps = [b - a for a, b in itertools.pairwise(t for t, url in calls if url == pods[0])]
@@ -213,9 +221,61 @@ def test_pods_listed_together_are_first_checked_across_one_interval_not_at_once(
     liveness = Liveness(book, config, lambda _changes: None, clock=clock, exchange=exchange,
                         cpu_time=lambda: spent[0], rng=random.Random(3))
     liveness.cost_per_check = 0.001  # 1000 pods x 1 ms / 0.25 = a 4 s interval
-    liveness.track([f"http://10.1.{i // 250}.{i % 250}:8000" for i in range(1000)], [])
+    pods = [f"http://10.1.{i // 250}.{i % 250}:8000" for i in range(1000)]
+    for url in pods:  # answered model probes one interval ago: each is due for a check
+        book.ensure(url)
+        book.success(url)
+    clock.advance(4.0)
+    liveness.track(pods, [])
     start = clock.now
     run(liveness, clock, 4.25)
     assert len(first) == 1000  # each pod within the first interval ...
     per_second = [sum(1 for t in first.values() if int(t - start) == s) for s in range(4)]
     assert max(per_second) <= 300, per_second  # ... spread over it (250 a second on average)
+
+
+def test_a_pod_nothing_was_heard_from_is_not_checked_until_its_probe_answers() -> None:
+    """Its model probe is on its way and it is not routable before: a check adds nothing."""
+    clock = FakeClock()
+    book = HealthBook(clock)
+    pod = Pod(book, clock)
+    liveness = Liveness(book, CONFIG, lambda _changes: None, clock=clock,
+                        exchange=pod.exchange, rng=FirstAtOnce())
+    liveness.track([URL], [])
+    run(liveness, clock, 5.0)
+    assert pod.calls == [] and liveness.skipped_total >= 4
+    book.success(URL)  # the probe answered
+    run(liveness, clock, 3.0)
+    assert len(pod.calls) >= 1
+
+
+def test_pods_listed_in_parts_get_first_checks_at_the_budget_rate_not_per_part() -> None:
+    """Each part of a big LIST spreads its first checks after the part before: the parts do
+    not each start a round at once (10 parts would check 10 times the budget)."""
+    clock = FakeClock()
+    book = HealthBook(clock)
+    first: dict[str, float] = {}
+    spent = [0.0]
+
+    def exchange(url: str, progress: bool) -> bool:
+        first.setdefault(url, clock.now)
+        spent[0] += 0.001
+        book.success(url)
+        return True
+
+    liveness = Liveness(book, OutlierConfig(cpu_budget=0.25), lambda _changes: None,
+                        clock=clock, exchange=exchange, cpu_time=lambda: spent[0],
+                        rng=random.Random(5))
+    liveness.cost_per_check = 0.001  # 250 first checks a second within the budget
+    pods = [f"http://10.2.{i // 250}.{i % 250}:8000" for i in range(1000)]
+    for url in pods:
+        book.ensure(url)
+        book.success(url)
+    clock.advance(4.0)
+    start = clock.now
+    for part in range(10):  # 10 parts of 100, handed over at once
+        liveness.track(pods[part * 100:(part + 1) * 100], [])
+    run(liveness, clock, 5.0)  # 4 s of budget, the last part spread over one interval
+    assert len(first) == 1000
+    per_second = [sum(1 for t in first.values() if int(t - start) == s) for s in range(5)]
+    assert max(per_second) <= 300, per_second

@@ -13,7 +13,12 @@ from tests.unit.driving import drive
 from vllm_router_svcdisc.cache import ProbeTarget
 from vllm_router_svcdisc.clock import FakeClock
 from vllm_router_svcdisc.poller import HealthBook
-from vllm_router_svcdisc.probe import ModelProber, ProbeConfig, parse_model_list
+from vllm_router_svcdisc.probe import (
+    STARTUP_HOLD_LIMIT,
+    ModelProber,
+    ProbeConfig,
+    parse_model_list,
+)
 from vllm_router_svcdisc.types import ModelInfo
 
 BASE = ModelInfo(id="base", object="model", created=0, owned_by="vllm", root="base")
@@ -52,10 +57,12 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make(clock: FakeClock, **config: float) -> tuple[ModelProber, Engines]:
+def make(clock: FakeClock, *, hold: bool = False,
+         **config: float) -> tuple[ModelProber, Engines]:
     engines = Engines(clock)
     prober = ModelProber(lambda results: None, clock=clock, fetch=engines.fetch,
-                         config=ProbeConfig(**config))  # type: ignore[arg-type]
+                         config=ProbeConfig(**config),  # type: ignore[arg-type]
+                         hold_until_released=hold)
     return prober, engines
 
 
@@ -194,3 +201,34 @@ def test_pods_answering_the_same_list_share_one_mapping_whatever_vllm_stamps_per
     assert first is second and first["m"].extra_fields["max_model_len"] == 4096
     other = parse_model_list(answer(3, max_len=8192))
     assert other is not first and other["m"].extra_fields["max_model_len"] == 8192
+
+
+def test_until_released_only_the_first_pod_of_each_service_is_probed(clock) -> None:
+    """Start-up: the CPU the first LIST shares goes to making every Service routable."""
+    prober, engines = make(clock, hold=True)
+    prober.schedule([target(0, first=True), target(1), target(2)], [])
+    prober.schedule([target(3, first=True), target(4)], ["gone"])
+    prober.schedule([], [url(2)])  # left before the LIST was in: never probed
+    prober.schedule([ProbeTarget("http://svc-a.default.svc.cluster.local:80", None,
+                                 ("default/svc-a",), kind="name")], [])
+    assert run(prober) == [url(0), url(3)]
+    clock.advance(1.0)
+    assert run(prober) == []
+    prober.release()
+    assert run(prober) == [url(1), url(4), "http://svc-a.default.svc.cluster.local:80"]
+    prober.schedule([target(5)], [])  # released: a new pod is probed at once
+    assert run(prober) == [url(5)]
+    assert engines.urls().count(url(1)) == 1
+
+
+def test_held_lanes_run_after_the_hold_limit_without_a_release(clock) -> None:
+    """A first LIST that keeps failing part-way does not stop the probes of listed pods."""
+    prober, _engines = make(clock, hold=True)
+    prober.schedule([target(0, first=True), target(1)], [])
+    assert run(prober) == [url(0)]
+    clock.advance(STARTUP_HOLD_LIMIT - 1.0)
+    prober._end_hold_if_due()
+    assert url(1) not in run(prober)
+    clock.advance(1.0)
+    prober._end_hold_if_due()
+    assert url(1) in run(prober)
