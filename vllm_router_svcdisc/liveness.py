@@ -78,6 +78,8 @@ class Liveness:
         self._random = rng or random.Random()  # where in its first interval a pod is checked
         self.cost_per_check = 0.0003  # CPU-seconds; replaced by the measured average
         self._first_checks_until = 0.0  # when the first checks of pods tracked so far end
+        self._next_slot = 0.0  # the budget's next free check slot
+        self._slots: dict[str, float] = {}  # pod URL -> the slot its deferred check holds
         self.checks_total = 0
         self.skipped_total = 0
 
@@ -111,6 +113,9 @@ class Liveness:
             start = max(now, self._first_checks_until)
             share = len(ready) * self.cost_per_check / self.config.cpu_budget
             self._first_checks_until = start + share
+        with self._lock:
+            for url in gone:
+                self._slots.pop(url, None)
         for url in gone:
             self.book.depart(url)
             self.poller.forget(url)
@@ -187,6 +192,9 @@ class Liveness:
         record = self.book.get(url)
         if record is None:
             return GONE
+        later = self._take_slot(url, now)
+        if later is not None:
+            return Step(True, after=later)
         started_cpu = self._cpu_time()
         wants_progress = (record.progress_read_at is None
                           or now - record.progress_read_at >= self.config.progress_interval
@@ -203,6 +211,29 @@ class Liveness:
         if ok:  # next check one (possibly stretched) interval after this one started
             return Step(True, after=now + interval - self.clock.monotonic())
         return FAILED
+
+    def _take_slot(self, url: str, now: float) -> float | None:
+        """None: check now; else the seconds until ``url``'s slot.
+
+        Checks run at most at the budget's rate (one per ``cost / cpu_budget`` seconds).  The
+        interval alone keeps the average there, but checks come due in bursts — the skip rule
+        lines them up behind the probes of a start-up — and a burst on every worker at once
+        costs more CPU per check, which stretches the interval far past what is needed.
+        """
+        with self._lock:
+            slot = self._slots.get(url)
+            if slot is not None:
+                if slot > now:
+                    return slot - now  # woken before the slot it holds
+                del self._slots[url]
+                return None
+            spacing = self.cost_per_check / self.config.cpu_budget
+            start = max(now, self._next_slot)
+            self._next_slot = start + spacing
+            if start - now <= spacing:
+                return None
+            self._slots[url] = start
+            return start - now
 
     def _probe(self, url: str, progress: bool) -> bool:
         """One exchange with ``url``, recorded in the book; True when it answered."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,45 @@ class FirstAtOnce(random.Random):
 
     def random(self) -> float:
         return 0.0
+
+
+class CostedPods:
+    """Pods whose every check answers and costs ``cost`` CPU-seconds of a fake thread clock;
+    ``calls`` says when each was checked."""
+
+    def __init__(self, book: HealthBook, clock: FakeClock, cost: float) -> None:
+        self.book, self.clock, self.cost = book, clock, cost
+        self.calls: list[tuple[float, str]] = []
+        self.spent = 0.0
+
+    def exchange(self, url: str, progress: bool) -> bool:
+        self.calls.append((self.clock.now, url))
+        self.spent += self.cost
+        self.book.success(url, tokens=1.0 if progress else None,
+                          running=0.0 if progress else None)
+        return True
+
+    def cpu_time(self) -> float:
+        return self.spent
+
+    def first_checks(self) -> dict[str, float]:
+        first: dict[str, float] = {}
+        for at, url in self.calls:
+            first.setdefault(url, at)
+        return first
+
+    def liveness(self, config: OutlierConfig, **kwargs: Any) -> Liveness:
+        liveness = Liveness(self.book, config, lambda _changes: None, clock=self.clock,
+                            exchange=self.exchange, cpu_time=self.cpu_time, **kwargs)
+        liveness.cost_per_check = self.cost
+        return liveness
+
+    def answered_long_ago(self, urls: list[str], seconds: float) -> None:
+        """Their model probes answered ``seconds`` ago: each is due for a check."""
+        for url in urls:
+            self.book.ensure(url)
+            self.book.success(url)
+        self.clock.advance(seconds)
 
 
 def setup() -> tuple[Liveness, Pod, FakeClock, list[tuple[float, Verdict | None]]]:
@@ -180,57 +220,32 @@ def test_timeouts_on_old_connections_do_not_bring_a_dead_pod_back() -> None:
 
 def test_the_interval_stretches_so_checks_stay_within_the_cpu_budget() -> None:
     clock = FakeClock()
-    book = HealthBook(clock)
     pods = [f"http://127.0.0.{i}:8000" for i in range(1, 11)]
-    calls: list[tuple[float, str]] = []
-    spent = [0.0]
-
-    def exchange(url: str, progress: bool) -> bool:
-        calls.append((clock.now, url))
-        spent[0] += 0.01  # every check costs 10 ms of CPU
-        book.success(url, tokens=1.0 if progress else None, running=0.0 if progress else None)
-        return True
-
+    costed = CostedPods(HealthBook(clock), clock, cost=0.01)  # every check costs 10 ms
     config = OutlierConfig(cpu_budget=0.05)  # 10 pods x 10 ms / 0.05 = 2 s
-    liveness = Liveness(book, config, lambda _changes: None, clock=clock, exchange=exchange,
-                        cpu_time=lambda: spent[0])
-    liveness.cost_per_check = 0.01
+    liveness = costed.liveness(config)
     liveness.track(pods, [])
     for url in pods:
-        book.success(url)  # their model probes answered
+        costed.book.success(url)  # their model probes answered
     run(liveness, clock, 20.0)
     assert liveness.interval == pytest.approx(2.0)
-    gaps = [b - a for a, b in itertools.pairwise(t for t, url in calls if url == pods[0])]
+    gaps = [b - a for a, b in itertools.pairwise(t for t, url in costed.calls if url == pods[0])]
     assert gaps and all(1.99 <= gap <= 2.13 for gap in gaps), gaps
-    assert len(calls) / 20.0 * 0.01 <= config.cpu_budget * 1.05  # within the budget
+    assert len(costed.calls) / 20.0 * 0.01 <= config.cpu_budget * 1.05  # within the budget
 
 
 def test_pods_listed_together_are_first_checked_across_one_interval_not_at_once() -> None:
     clock = FakeClock()
-    book = HealthBook(clock)
-    first: dict[str, float] = {}
-    spent = [0.0]
-
-    def exchange(url: str, progress: bool) -> bool:
-        first.setdefault(url, clock.now)
-        spent[0] += 0.001  # every check costs 1 ms of CPU
-        book.success(url)
-        return True
-
-    config = OutlierConfig(cpu_budget=0.25)
-    liveness = Liveness(book, config, lambda _changes: None, clock=clock, exchange=exchange,
-                        cpu_time=lambda: spent[0], rng=random.Random(3))
-    liveness.cost_per_check = 0.001  # 1000 pods x 1 ms / 0.25 = a 4 s interval
+    costed = CostedPods(HealthBook(clock), clock, cost=0.001)  # 1000 x 1 ms / 0.25 = 4 s
+    liveness = costed.liveness(OutlierConfig(cpu_budget=0.25), rng=random.Random(3))
     pods = [f"http://10.1.{i // 250}.{i % 250}:8000" for i in range(1000)]
-    for url in pods:  # answered model probes one interval ago: each is due for a check
-        book.ensure(url)
-        book.success(url)
-    clock.advance(4.0)
+    costed.answered_long_ago(pods, 4.0)
     liveness.track(pods, [])
     start = clock.now
-    run(liveness, clock, 4.25)
-    assert len(first) == 1000  # each pod within the first interval ...
-    per_second = [sum(1 for t in first.values() if int(t - start) == s) for s in range(4)]
+    run(liveness, clock, 4.5)
+    first = costed.first_checks()
+    assert len(first) == 1000  # each pod within the first interval (and a budget slot) ...
+    per_second = [sum(1 for t in first.values() if int(t - start) == s) for s in range(5)]
     assert max(per_second) <= 300, per_second  # ... spread over it (250 a second on average)
 
 
@@ -253,29 +268,34 @@ def test_pods_listed_in_parts_get_first_checks_at_the_budget_rate_not_per_part()
     """Each part of a big LIST spreads its first checks after the part before: the parts do
     not each start a round at once (10 parts would check 10 times the budget)."""
     clock = FakeClock()
-    book = HealthBook(clock)
-    first: dict[str, float] = {}
-    spent = [0.0]
-
-    def exchange(url: str, progress: bool) -> bool:
-        first.setdefault(url, clock.now)
-        spent[0] += 0.001
-        book.success(url)
-        return True
-
-    liveness = Liveness(book, OutlierConfig(cpu_budget=0.25), lambda _changes: None,
-                        clock=clock, exchange=exchange, cpu_time=lambda: spent[0],
-                        rng=random.Random(5))
-    liveness.cost_per_check = 0.001  # 250 first checks a second within the budget
+    costed = CostedPods(HealthBook(clock), clock, cost=0.001)  # 250 checks a second
+    liveness = costed.liveness(OutlierConfig(cpu_budget=0.25), rng=random.Random(5))
     pods = [f"http://10.2.{i // 250}.{i % 250}:8000" for i in range(1000)]
-    for url in pods:
-        book.ensure(url)
-        book.success(url)
-    clock.advance(4.0)
+    costed.answered_long_ago(pods, 4.0)
     start = clock.now
     for part in range(10):  # 10 parts of 100, handed over at once
         liveness.track(pods[part * 100:(part + 1) * 100], [])
     run(liveness, clock, 5.0)  # 4 s of budget, the last part spread over one interval
+    first = costed.first_checks()
     assert len(first) == 1000
     per_second = [sum(1 for t in first.values() if int(t - start) == s) for s in range(5)]
     assert max(per_second) <= 300, per_second
+
+
+def test_checks_that_come_due_together_run_at_the_budget_rate() -> None:
+    """Pods whose last results came in one burst (the probes of a start-up) come due for
+    checks together: they are run one budget slot apart, not on every worker at once."""
+    clock = FakeClock()
+    costed = CostedPods(HealthBook(clock), clock, cost=0.001)  # 250 checks a second
+    config = OutlierConfig(cpu_budget=0.25)
+    liveness = costed.liveness(config, rng=random.Random(7))
+    pods = [f"http://10.3.{i // 250}.{i % 250}:8000" for i in range(1000)]
+    liveness.track(pods, [])
+    for url in pods:
+        costed.book.success(url)  # all probed in the same instant
+    start = clock.now
+    run(liveness, clock, 9.5)  # due after one 4 s interval, then 4 s at the budget's rate
+    checks = [t for t, _url in costed.calls]
+    assert len(set(url for _t, url in costed.calls)) == 1000
+    per_second = [sum(1 for t in checks if int(t - start) == s) for s in range(10)]
+    assert max(per_second) <= 0.25 / 0.001 * 1.1, per_second
