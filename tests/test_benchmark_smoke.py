@@ -91,3 +91,17 @@ def test_scrape_cpu_runs_and_writes_results(tmp_path: Path) -> None:
         assert {"fetch_us", "parse_us", "total_us", "scrapes_per_cpu_s"} <= figures.keys()
     assert results["profile"]["areas"] and results["profile"]["functions"]
     assert "| path | fetch µs |" in (tmp_path / "scrape_cpu.md").read_text()
+
+
+def test_probe_cpu_runs_and_writes_results(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "probe_cpu.py"), "--pods", "12",
+           "--rounds", "2", "--farm-port", "0", "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "probe_cpu.json").read_text())
+    assert {"meta", "command", "pods", "rounds", "result"} <= results.keys()
+    paths = [key for key in results["result"] if key != "cpu_ratio"]
+    assert len(paths) == 2 and "cpu_ratio" in results["result"]
+    for path in paths:
+        assert results["result"][path]["failures"] == 0, results["result"]
+    assert "| path | CPU µs per probe |" in (tmp_path / "probe_cpu.md").read_text()
