@@ -109,13 +109,12 @@ class Liveness:
             self._tracked.difference_update(gone)
             if self.config.enabled:  # else no check runs and nothing was connected
                 self._departed.extend(gone)
+            for url in gone:
+                self._slots.pop(url, None)
             # the budget's share of these first checks, after the share of earlier ones
             start = max(now, self._first_checks_until)
             share = len(ready) * self.cost_per_check / self.config.cpu_budget
             self._first_checks_until = start + share
-        with self._lock:
-            for url in gone:
-                self._slots.pop(url, None)
         for url in gone:
             self.book.depart(url)
             self.poller.forget(url)

@@ -337,8 +337,9 @@ class ModelProber:
     def _end_hold_if_due(self) -> None:
         """Release the held lanes ``STARTUP_HOLD_LIMIT`` seconds after start at the latest."""
         if self._held is not None and self._clock.monotonic() >= self._hold_ends:
-            log.warning("the first LIST of Services and EndpointSlices is not in after %g s: "
-                        "probing every listed pod anyway", STARTUP_HOLD_LIMIT)
+            if self._held:
+                log.warning("the first LIST of Services and EndpointSlices is not in after "
+                            "%g s: probing every listed pod anyway", STARTUP_HOLD_LIMIT)
             self.release()
 
     def adapters_seen(self, url: str, adapters: frozenset[str]) -> None:
