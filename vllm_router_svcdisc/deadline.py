@@ -10,6 +10,7 @@ thread; outside a scope the socket behaves as usual.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import socket
 import threading
@@ -120,6 +121,15 @@ class _DeadlineHTTPConnection(HTTPConnection):
 
 
 class _DeadlineHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock)
+
+
+class DeadlineHTTPClientConnection(http.client.HTTPConnection):
+    """A plain ``http.client`` connection (one request, then closed: the prober's) whose
+    socket honours :func:`deadline_scope` like the pooled ones."""
+
     def connect(self) -> None:
         super().connect()
         self.sock = _DeadlineSocket(self.sock)

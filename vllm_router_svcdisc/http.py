@@ -35,7 +35,12 @@ from urllib3.exceptions import (
 )
 
 from .clock import SYSTEM_CLOCK
-from .deadline import DeadlinePoolManager, RequestScope, _DeadlineSocket, deadline_scope
+from .deadline import (
+    DeadlineHTTPClientConnection,
+    DeadlinePoolManager,
+    RequestScope,
+    deadline_scope,
+)
 from .errors import SvcDiscError
 
 
@@ -190,14 +195,6 @@ def fetch(
             response.release_conn()
 
 
-class _OneShotConnection(http.client.HTTPConnection):
-    """One request, then closed; its socket honours the request's deadline."""
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock = _DeadlineSocket(self.sock)
-
-
 def _fetch_once(url: str, headers: Mapping[str, str], timeout: float | tuple[float, float],
                 max_bytes: int, deadline: float) -> tuple[int, bytes]:
     """:func:`fetch` on a connection of its own (``keep_alive=False``), the same outcomes."""
@@ -208,7 +205,7 @@ def _fetch_once(url: str, headers: Mapping[str, str], timeout: float | tuple[flo
                               cause="other") from None
     connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
     host = (parsed.host or "").strip("[]")  # an IPv6 literal without its brackets
-    connection = _OneShotConnection(host, parsed.port or 80, timeout=connect)
+    connection = DeadlineHTTPClientConnection(host, parsed.port or 80, timeout=connect)
     try:
         try:
             connection.connect()
